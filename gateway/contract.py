@@ -1,0 +1,282 @@
+"""The device contract: MQTT topics and payload models shared by the gateway and the boots.
+
+Both `gateway` and `device_sim` import this module so the two sides cannot drift.
+`docs/protocol.md` is the prose version for firmware teams; keep them in step
+(`CONTRACT_VERSION` changes when a payload changes incompatibly).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONTRACT_VERSION = 1
+TOPIC_ROOT = f"boots/v{CONTRACT_VERSION}"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+# Sensor range of the boot's pressure transducers; anything outside is physically implausible.
+SENSOR_MIN_MMHG = -20.0
+SENSOR_MAX_MMHG = 300.0
+MAX_CHAMBERS = 12
+
+DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
+Pressure = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Channel(StrEnum):
+    STATE = "state"
+    TELEMETRY = "telemetry"
+    EVENT = "event"
+    CMD = "cmd"
+    ACK = "ack"
+
+
+# QoS and retain flag per channel, the single source for both sides.
+CHANNEL_QOS: dict[Channel, int] = {
+    Channel.STATE: 1,
+    Channel.TELEMETRY: 0,
+    Channel.EVENT: 1,
+    Channel.CMD: 1,
+    Channel.ACK: 1,
+}
+CHANNEL_RETAIN: dict[Channel, bool] = {c: c is Channel.STATE for c in Channel}
+
+HEARTBEAT_TOPIC = f"{TOPIC_ROOT}/_gateway/heartbeat"
+ALARM_TOPIC_PREFIX = f"{TOPIC_ROOT}/_gateway/alarm"
+
+
+def is_valid_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
+
+
+def topic(clinic: str, device: str, channel: Channel) -> str:
+    if not (is_valid_id(clinic) and is_valid_id(device)):
+        raise ValueError(f"invalid clinic or device id: {clinic!r}/{device!r}")
+    return f"{TOPIC_ROOT}/{clinic}/{device}/{channel.value}"
+
+
+def subscription(channel: Channel | None = None) -> str:
+    """Wildcard filter for one channel of every boot (or all channels)."""
+    return f"{TOPIC_ROOT}/+/+/{channel.value}" if channel else f"{TOPIC_ROOT}/+/+/+"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicAddress:
+    clinic: str
+    device: str
+    channel: Channel
+
+    @property
+    def key(self) -> str:
+        return f"{self.clinic}/{self.device}"
+
+
+class TopicError(ValueError):
+    """A topic that is not part of the contract."""
+
+
+def parse_topic(name: str) -> TopicAddress:
+    parts = name.split("/")
+    if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
+        raise TopicError(f"not a boot topic: {name[:200]!r}")
+    clinic, device, channel = parts[2], parts[3], parts[4]
+    if not is_valid_id(clinic) or not is_valid_id(device):
+        raise TopicError(f"invalid clinic or device id in topic: {name[:200]!r}")
+    try:
+        return TopicAddress(clinic, device, Channel(channel))
+    except ValueError:
+        raise TopicError(f"unknown channel {channel[:40]!r}") from None
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_payload(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+# ---------------------------------------------------------------- boot -> gateway
+
+
+class BootState(_Msg):
+    """Retained on `.../state`; the same payload with online=false is the boot's LWT."""
+
+    online: bool
+    firmware: str = Field(max_length=64)
+    chambers: int = Field(ge=1, le=MAX_CHAMBERS)
+    zones: list[str] = Field(description="zone of each chamber, distal to proximal")
+    max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False)
+    telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False)
+    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _zones_match(self) -> BootState:
+        if len(self.zones) != self.chambers:
+            raise ValueError(f"zones has {len(self.zones)} entries for {self.chambers} chambers")
+        return self
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    INFLATE = "inflate"
+    HOLD = "hold"
+    DEFLATE = "deflate"
+    PAUSE = "pause"
+    VENT = "vent"
+
+
+class Telemetry(_Msg):
+    seq: int = Field(ge=0, lt=2**63)
+    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
+    session_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    phase: Phase
+    pressures: list[Pressure] = Field(min_length=1, max_length=MAX_CHAMBERS)
+
+
+class EventKind(StrEnum):
+    SESSION_STARTED = "session_started"
+    SESSION_COMPLETED = "session_completed"
+    SESSION_STOPPED = "session_stopped"
+    USER_STOP = "user_stop"
+    VENTED = "vented"
+    FAULT = "fault"
+
+
+class BootEvent(_Msg):
+    kind: EventKind
+    ts: float = Field(allow_inf_nan=False)
+    session_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    detail: str | None = Field(default=None, max_length=500)
+
+
+class AckStatus(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DONE = "done"
+
+
+class Ack(_Msg):
+    cmd_id: str = Field(pattern=ID_PATTERN)
+    status: AckStatus
+    ts: float = Field(allow_inf_nan=False)
+    reason: str | None = Field(default=None, max_length=500)
+
+
+# ---------------------------------------------------------------- gateway -> boot
+
+
+class Mode(StrEnum):
+    SEQUENTIAL = "sequential"
+    WAVE = "wave"
+    FLOW = "flow"
+
+
+class ProgramTiming(BaseModel):
+    """One cycle: chambers inflate one after another (inflate_s each), hold, deflate, pause."""
+
+    model_config = ConfigDict(frozen=True)
+
+    inflate_s: float = Field(gt=0, le=120, allow_inf_nan=False)
+    hold_s: float = Field(ge=0, le=120, allow_inf_nan=False)
+    deflate_s: float = Field(gt=0, le=120, allow_inf_nan=False)
+    pause_s: float = Field(ge=0, le=120, allow_inf_nan=False)
+
+    def cycle_s(self, chambers: int) -> float:
+        return chambers * self.inflate_s + self.hold_s + self.deflate_s + self.pause_s
+
+
+class SessionProgram(BaseModel):
+    """What a boot runs: per-chamber targets (distal to proximal), timing and total duration."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1, max_length=80)
+    mode: Mode = Mode.SEQUENTIAL
+    targets_mmhg: list[Pressure] = Field(min_length=1, max_length=MAX_CHAMBERS)
+    duration_s: float = Field(gt=0, le=4 * 3600, allow_inf_nan=False)
+    timing: ProgramTiming
+    max_inflation_s: float | None = Field(
+        default=None, gt=0, description="longest a chamber may stay inflated in one cycle"
+    )
+
+    def longest_inflation_s(self) -> float:
+        """First chamber inflates first and deflates last in a sequential cycle."""
+        n = len(self.targets_mmhg)
+        return n * self.timing.inflate_s + self.timing.hold_s
+
+
+class CommandKind(StrEnum):
+    START = "start"
+    STOP = "stop"
+    VENT = "vent"
+
+
+class Command(_Msg):
+    cmd_id: str = Field(pattern=ID_PATTERN)
+    kind: CommandKind
+    issued_at: float = Field(allow_inf_nan=False)
+    expires_at: float | None = Field(
+        default=None, description="unix seconds; the boot must reject the command after this"
+    )
+    session_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    program: SessionProgram | None = None
+    reason: str | None = Field(default=None, max_length=500)
+
+    @model_validator(mode="after")
+    def _start_has_program(self) -> Command:
+        if self.kind is CommandKind.START and (self.program is None or self.session_id is None):
+            raise ValueError("a start command needs a program and a session_id")
+        return self
+
+
+class Heartbeat(_Msg):
+    ts: float
+    gateway_id: str
+    interval_s: float
+
+
+# ---------------------------------------------------------------- decoding
+
+PAYLOAD_MODELS: dict[Channel, type[_Msg]] = {
+    Channel.STATE: BootState,
+    Channel.TELEMETRY: Telemetry,
+    Channel.EVENT: BootEvent,
+    Channel.CMD: Command,
+    Channel.ACK: Ack,
+}
+
+
+class PayloadError(ValueError):
+    """A payload that does not follow the contract; `kind` is a short stable label for counters."""
+
+    def __init__(self, kind: Literal["too_large", "not_json", "invalid"], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _reject_constant(value: str) -> float:
+    raise ValueError(f"{value} is not a number")
+
+
+def decode(channel: Channel, payload: bytes, max_bytes: int) -> _Msg:
+    """Decode and validate one payload; raises PayloadError with a reason fit for a log line."""
+    if len(payload) > max_bytes:
+        raise PayloadError("too_large", f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        data = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError("not_json", f"not JSON: {str(exc)[:120]}") from None
+    try:
+        return PAYLOAD_MODELS[channel].model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise PayloadError(
+            "invalid", f"{where}: {first['msg']} ({exc.error_count()} error(s))"
+        ) from None

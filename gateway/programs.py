@@ -1,0 +1,127 @@
+"""Session programs: the starting catalogue and the checks run before a program is sent (rule 9).
+
+Catalogue entries are templates (intensity word, duration, timing); they become a concrete
+`SessionProgram` for one boot by mapping the intensity to mmHg (a clinic setting) and
+spreading it over the boot's chambers, proximal chambers a little lower so the thigh is
+never squeezed harder than the calf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.contract import Mode, ProgramTiming, SessionProgram
+from gateway.settings import Intensity, ProgramLimits
+
+
+@dataclass(frozen=True)
+class ProgramTemplate:
+    key: str
+    title: str
+    intensity: Intensity
+    duration_s: float
+    mode: Mode
+    timing: ProgramTiming
+    when: str
+    proximal_factor: float = 0.85  # thigh pressure relative to the most distal chamber
+
+    def resolve(self, chambers: int, limits: ProgramLimits) -> SessionProgram:
+        base = limits.intensity_mmhg[self.intensity]
+        if chambers == 1:
+            targets = [base]
+        else:
+            step = (1.0 - self.proximal_factor) / (chambers - 1)
+            targets = [round(base * (1.0 - i * step), 1) for i in range(chambers)]
+        return SessionProgram(
+            name=self.key,
+            mode=self.mode,
+            targets_mmhg=targets,
+            duration_s=self.duration_s,
+            timing=self.timing,
+        )
+
+
+def _t(inflate: float, hold: float, deflate: float, pause: float) -> ProgramTiming:
+    return ProgramTiming(inflate_s=inflate, hold_s=hold, deflate_s=deflate, pause_s=pause)
+
+
+CATALOGUE: dict[str, ProgramTemplate] = {
+    p.key: p
+    for p in (
+        ProgramTemplate(
+            "post_workout_recovery", "Post-workout recovery", Intensity.LOW_MODERATE,
+            25 * 60, Mode.SEQUENTIAL, _t(4, 6, 6, 6), "2-6 h after training",
+        ),
+        ProgramTemplate(
+            "doms_24_48h", "DOMS 24-48 h", Intensity.MODERATE,
+            30 * 60, Mode.SEQUENTIAL, _t(4, 5, 8, 10), "the next day or 48 h after",
+        ),
+        ProgramTemplate(
+            "rest_day_reset", "Rest-day reset", Intensity.LOW,
+            20 * 60, Mode.FLOW, _t(5, 4, 8, 8), "before mobility work or a walk",
+        ),
+        ProgramTemplate(
+            "before_mobility", "Before mobility", Intensity.VERY_LOW,
+            12 * 60, Mode.WAVE, _t(3, 3, 6, 6), "then active mobility",
+        ),
+        ProgramTemplate(
+            "office_travel", "Office day / travel", Intensity.LOW,
+            25 * 60, Mode.SEQUENTIAL, _t(4, 6, 6, 6), "on returning home",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BootLimits:
+    """What the gateway knows of a boot when it checks a program for it."""
+
+    clinic: str
+    chambers: int
+    max_pressure_mmhg: float
+    online: bool
+    in_session: bool
+
+
+def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimits) -> list[str]:
+    """Every reason the program must not be sent to this boot; empty means it may be sent."""
+    reasons: list[str] = []
+    if not boot.online:
+        reasons.append("the boot is offline")
+    if boot.in_session:
+        reasons.append("the boot is already running a session; stop it first")
+    n = len(program.targets_mmhg)
+    if n != boot.chambers:
+        reasons.append(f"the program has {n} chamber targets but the boot has {boot.chambers}")
+    ceiling = min(boot.max_pressure_mmhg, limits.ceiling_for(boot.clinic))
+    for i, p in enumerate(program.targets_mmhg, start=1):
+        if p > ceiling:
+            reasons.append(
+                f"chamber {i} target {p:g} mmHg is above the ceiling of {ceiling:g} mmHg "
+                f"(lower of the boot's {boot.max_pressure_mmhg:g} and the clinic's "
+                f"{limits.ceiling_for(boot.clinic):g})"
+            )
+        elif p < limits.min_pressure_mmhg:
+            reasons.append(
+                f"chamber {i} target {p:g} mmHg is below the minimum of "
+                f"{limits.min_pressure_mmhg:g} mmHg"
+            )
+    cycle = program.timing.cycle_s(n)
+    if not limits.min_cycle_s <= cycle <= limits.max_cycle_s:
+        reasons.append(
+            f"one inflate/deflate cycle takes {cycle:g} s; it must be between "
+            f"{limits.min_cycle_s:g} and {limits.max_cycle_s:g} s"
+        )
+    if not limits.min_duration_s <= program.duration_s <= limits.max_duration_s:
+        reasons.append(
+            f"duration {program.duration_s / 60:g} min is outside "
+            f"{limits.min_duration_s / 60:g}-{limits.max_duration_s / 60:g} min"
+        )
+    for i in range(1, n):
+        if program.targets_mmhg[i] > program.targets_mmhg[0]:
+            reasons.append(
+                f"chamber {i + 1} target is above the most distal chamber's; pressure must not "
+                "rise towards the thigh"
+            )
+            break
+    return reasons

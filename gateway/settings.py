@@ -1,0 +1,152 @@
+"""Gateway configuration: env vars prefixed `BOOTGW_` (nested with `__`) over an optional TOML file.
+
+Every limit that matters for safety is a named field here with a safe default;
+`docs/configuration.md` and the README list them. The file is `BOOTGW_CONFIG_FILE`
+(default `bootgw.toml` in the working directory, read only if it exists).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "BOOTGW_"
+CONFIG_FILE_ENV = "BOOTGW_CONFIG_FILE"
+
+
+class MqttSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = "boot-gateway"
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class InfluxSettings(BaseModel):
+    """InfluxDB through its v1-compatible API (1.x natively, 2.x via DBRP mapping + token)."""
+
+    url: str = "http://127.0.0.1:8086"
+    database: str = "boots"
+    retention_policy: str | None = None
+    token: SecretStr | None = Field(None, description="sent as 'Authorization: Token ...' (2.x)")
+    create_database: bool = Field(True, description="issue CREATE DATABASE at start (1.x only)")
+    batch_size: int = Field(5000, ge=1, le=100_000)
+    flush_interval_s: float = Field(1.0, gt=0, le=60)
+    queue_max_points: int = Field(500_000, ge=1000)
+    timeout_s: float = Field(10.0, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+
+
+class WatchdogSettings(BaseModel):
+    """Limits of the safety rules (see docs/safety.md). Defaults err on the side of venting."""
+
+    hard_ceiling_mmhg: float = Field(
+        120.0, gt=0, le=200, description="rule 1: absolute ceiling, also capped by device max "
+        "and clinic ceiling"
+    )
+    over_target_tolerance_mmhg: float = Field(
+        15.0, ge=0, le=50, description="rule 2: how far above its program target a chamber may go"
+    )
+    over_target_samples: int = Field(
+        3, ge=1, le=20, description="rule 2: consecutive samples above target+tolerance to vent"
+    )
+    telemetry_loss_periods: float = Field(
+        6.0, ge=2, description="rule 5: silence limit in multiples of the boot's telemetry period"
+    )
+    telemetry_loss_floor_s: float = Field(
+        3.0, gt=0, le=60, description="rule 5: silence limit never shorter than this"
+    )
+    safe_level_mmhg: float = Field(
+        10.0, ge=0, le=40, description="a vented chamber counts as safe below this pressure"
+    )
+    tick_interval_s: float = Field(0.2, gt=0, le=5, description="how often silence is checked")
+
+
+class Intensity(StrEnum):
+    VERY_LOW = "very_low"
+    LOW = "low"
+    LOW_MODERATE = "low_moderate"
+    MODERATE = "moderate"
+
+
+class ProgramLimits(BaseModel):
+    """Checks applied to every program before it is sent (rule 9)."""
+
+    clinic_ceiling_mmhg: float = Field(100.0, gt=0, le=200, description="default clinic ceiling")
+    clinic_ceilings: dict[str, float] = Field(
+        default_factory=dict, description="per-clinic ceilings overriding the default"
+    )
+    min_pressure_mmhg: float = Field(20.0, ge=0)
+    min_cycle_s: float = Field(20.0, gt=0, description="shortest inflate/deflate cycle")
+    max_cycle_s: float = Field(60.0, gt=0, description="longest inflate/deflate cycle")
+    min_duration_s: float = Field(600.0, gt=0, description="shortest session")
+    max_duration_s: float = Field(2400.0, gt=0, description="longest session")
+    intensity_mmhg: dict[Intensity, float] = Field(
+        default_factory=lambda: {
+            Intensity.VERY_LOW: 40.0,
+            Intensity.LOW: 50.0,
+            Intensity.LOW_MODERATE: 60.0,
+            Intensity.MODERATE: 70.0,
+        },
+        description="calf pressure for each intensity word; a clinic may change it",
+    )
+    start_expiry_s: float = Field(
+        10.0, gt=0, le=300, description="a start command not executed within this is void"
+    )
+
+    def ceiling_for(self, clinic: str) -> float:
+        return self.clinic_ceilings.get(clinic, self.clinic_ceiling_mmhg)
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr | None = Field(
+        None, description="if set, every /api call needs 'Authorization: Bearer <token>'"
+    )
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore"
+    )
+
+    gateway_id: str = Field("gw-1", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings = InfluxSettings()
+    watchdog: WatchdogSettings = WatchdogSettings()
+    programs: ProgramLimits = ProgramLimits()
+    api: ApiSettings = ApiSettings()
+    max_payload_bytes: int = Field(16_384, ge=256, le=1_048_576)
+    command_ack_timeout_s: float = Field(5.0, gt=0, le=120)
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
+    reject_log_interval_s: float = Field(
+        60.0, gt=0, description="bad input is logged at most once per device per interval"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get(CONFIG_FILE_ENV, "bootgw.toml")
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
+        return (init_settings, env_settings, toml, file_secret_settings)
