@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from gateway.contract import Mode, ProgramTiming, SessionProgram
 from gateway.settings import Intensity, ProgramLimits
 
+# Catalogue timings are written for a four-chamber sleeve (foot, calf, knee, thigh).
+REFERENCE_CHAMBERS = 4
+
 
 @dataclass(frozen=True)
 class ProgramTemplate:
@@ -26,7 +29,9 @@ class ProgramTemplate:
     proximal_factor: float = 0.85  # thigh pressure relative to the most distal chamber
 
     def resolve(self, chambers: int, limits: ProgramLimits) -> SessionProgram:
+        """Targets for this boot; the foot-to-thigh sweep lasts the same for any chamber count."""
         base = limits.intensity_mmhg[self.intensity]
+        sweep_s = self.timing.inflate_s * REFERENCE_CHAMBERS
         if chambers == 1:
             targets = [base]
         else:
@@ -37,7 +42,7 @@ class ProgramTemplate:
             mode=self.mode,
             targets_mmhg=targets,
             duration_s=self.duration_s,
-            timing=self.timing,
+            timing=self.timing.model_copy(update={"inflate_s": round(sweep_s / chambers, 3)}),
         )
 
 

@@ -1,0 +1,139 @@
+"""The gateway's one MQTT connection: reconnect with backoff, subscribe, dispatch, publish.
+
+Incoming messages are handed to a synchronous callback in arrival order; it must not block.
+Publishing never waits on the receive loop, so a vent goes out while messages keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.settings import MqttSettings
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class NotConnected(RuntimeError):
+    pass
+
+
+class MqttLink:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        subscriptions: list[tuple[str, SubscribeOptions]],
+        on_message: MessageHandler,
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self.handler_errors = 0
+        self._tasks: set[asyncio.Task[bool]] = set()
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with exponential backoff and jitter until cancelled."""
+        s = self.settings
+        backoff = s.reconnect_min_s
+        attempt = 0
+        while True:
+            client = aiomqtt.Client(
+                s.host, s.port,
+                username=s.username,
+                password=s.password.get_secret_value() if s.password else None,
+                identifier=s.client_id,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                keepalive=s.keepalive_s,
+                timeout=10,
+            )
+            try:
+                async with client:
+                    for topic, options in self._subscriptions:
+                        await client.subscribe(topic, options=options)
+                    self._client = client
+                    self.connected.set()
+                    log.info("mqtt connected", extra={
+                        "broker": f"{s.host}:{s.port}", "attempt": attempt})
+                    backoff = s.reconnect_min_s
+                    if attempt:
+                        self.reconnects += 1
+                    if self._on_connect:
+                        self._on_connect()
+                    async for message in client.messages:
+                        self._dispatch(str(message.topic), message.payload)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt connection lost", extra={
+                    "broker": f"{s.host}:{s.port}", "error": str(exc),
+                    "retry_in_s": round(backoff, 2)})
+            finally:
+                self._client = None
+                self.connected.clear()
+            attempt += 1
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(s.reconnect_max_s, backoff * 2)
+
+    def _dispatch(self, topic: str, payload: object) -> None:
+        if isinstance(payload, str):
+            payload = payload.encode()
+        elif not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        try:
+            self._on_message(topic, bytes(payload))
+        except Exception:
+            # A bug in handling one message must not take the gateway down for every boot.
+            self.handler_errors += 1
+            log.exception("message handler failed", extra={"topic": topic[:200]})
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool = False,
+        expiry_s: float | None = None,
+    ) -> None:
+        client = self._client
+        if client is None:
+            raise NotConnected("not connected to the broker")
+        props = None
+        if expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = max(1, int(expiry_s))
+        await client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, qos: int, retain: bool = False,
+        expiry_s: float | None = None,
+    ) -> asyncio.Task[bool]:
+        """Hand the packet to the client now; completion (PUBACK) is awaited in the background."""
+        task = asyncio.get_running_loop().create_task(
+            self._publish_logged(topic, payload, qos, retain, expiry_s)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _publish_logged(
+        self, topic: str, payload: bytes, qos: int, retain: bool, expiry_s: float | None
+    ) -> bool:
+        try:
+            await self.publish(topic, payload, qos, retain, expiry_s)
+        except (aiomqtt.MqttError, NotConnected) as exc:
+            log.error("publish failed", extra={"topic": topic, "error": str(exc)})
+            return False
+        return True
+
+
+def subscribe_options(qos: int = 1) -> SubscribeOptions:
+    """No Local: the gateway never receives its own commands back."""
+    return SubscribeOptions(qos=qos, noLocal=True)

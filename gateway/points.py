@@ -1,0 +1,111 @@
+"""The InfluxDB schema: one function per measurement, turning domain objects into points.
+
+Measurements and their tags are what the Grafana dashboards query; change them together.
+Tags are validated ids or closed vocabularies (low cardinality); free text goes in fields.
+"""
+
+from __future__ import annotations
+
+from gateway.commands import TrackedCommand
+from gateway.contract import BootEvent, Telemetry, TopicAddress
+from gateway.fleet import Boot, Session
+from gateway.lineprotocol import FieldValue, Point
+from gateway.watchdog import SafetyAction
+
+
+def telemetry(addr: TopicAddress, sample: Telemetry) -> Point:
+    """Stamped with the boot's own time, so a replayed sample overwrites itself."""
+    fields: dict[str, FieldValue] = {f"p{i}": float(p) for i, p in enumerate(sample.pressures, 1)}
+    fields["max_p"] = float(max(sample.pressures))
+    fields["seq"] = sample.seq
+    if sample.session_id:
+        fields["session_id"] = sample.session_id
+    return Point(
+        "telemetry",
+        {"clinic": addr.clinic, "device": addr.device, "phase": sample.phase.value},
+        fields,
+        int(sample.ts * 1000),
+    )
+
+
+def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, now_ms: int) -> Point:
+    fields: dict[str, FieldValue] = {
+        "action": "vent" if action.vent else ("alarm" if action.alarm else "record"),
+        "detail": action.detail,
+    }
+    if action.chamber is not None:
+        fields["chamber"] = action.chamber
+    if action.value is not None:
+        fields["value"] = float(action.value)
+    if action.limit is not None:
+        fields["limit"] = float(action.limit)
+    if session_id:
+        fields["session_id"] = session_id
+    return Point(
+        "safety_event",
+        {"clinic": boot.clinic, "device": boot.device, "rule": action.rule.value,
+         "severity": action.severity.value},
+        fields,
+        now_ms,
+    )
+
+
+def command(tracked: TrackedCommand, now_ms: int) -> Point:
+    clinic, device = tracked.key.split("/", 1)
+    fields: dict[str, FieldValue] = {"cmd_id": tracked.command.cmd_id}
+    if tracked.latency_s is not None:
+        fields["latency_ms"] = round(tracked.latency_s * 1000, 3)
+    if tracked.reason:
+        fields["reason"] = tracked.reason
+    if tracked.command.session_id:
+        fields["session_id"] = tracked.command.session_id
+    return Point(
+        "command",
+        {"clinic": clinic, "device": device, "kind": tracked.command.kind.value,
+         "outcome": tracked.outcome.value},
+        fields,
+        now_ms,
+    )
+
+
+def session(
+    boot: Boot, sess: Session, outcome: str, now_ms: int, ended_at: float | None = None
+) -> Point:
+    fields: dict[str, FieldValue] = {
+        "session_id": sess.session_id,
+        "planned_s": float(sess.program.duration_s),
+    }
+    if ended_at is not None and sess.started_at is not None:
+        fields["duration_s"] = round(ended_at - sess.started_at, 3)
+    return Point(
+        "session",
+        {"clinic": boot.clinic, "device": boot.device, "program": sess.program.name,
+         "outcome": outcome},
+        fields,
+        now_ms,
+    )
+
+
+def boot_state(boot: Boot, now_ms: int) -> Point:
+    return Point(
+        "boot_state",
+        {"clinic": boot.clinic, "device": boot.device},
+        {"online": int(boot.online), "firmware": boot.state.firmware,
+         "chambers": boot.state.chambers, "max_pressure_mmhg": boot.state.max_pressure_mmhg},
+        now_ms,
+    )
+
+
+def boot_event(addr: TopicAddress, event: BootEvent, now_ms: int) -> Point:
+    fields: dict[str, FieldValue] = {"device_ts": float(event.ts)}
+    if event.session_id:
+        fields["session_id"] = event.session_id
+    if event.detail:
+        fields["detail"] = event.detail
+    return Point("boot_event", {"clinic": addr.clinic, "device": addr.device,
+                                "kind": event.kind.value}, fields, now_ms)
+
+
+def device_fault(addr: TopicAddress, kind: str, reason: str, now_ms: int) -> Point:
+    return Point("device_fault", {"clinic": addr.clinic, "device": addr.device, "kind": kind},
+                 {"reason": reason[:500]}, now_ms)

@@ -1,0 +1,41 @@
+"""Run the gateway and its HTTP API together in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from gateway.api import create_app
+from gateway.service import Gateway
+
+log = logging.getLogger("gateway")
+
+
+async def serve(gateway: Gateway, stop: asyncio.Event | None = None) -> None:
+    """Run gateway and API until `stop` is set (or forever); then shut down in order."""
+    settings = gateway.settings
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(gateway), host=settings.api.host, port=settings.api.port,
+        log_config=None, access_log=False, lifespan="off",
+    ))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    gw_task = asyncio.create_task(gateway.run(), name="gateway")
+    api_task = asyncio.create_task(server.serve(), name="api")
+    log.info("gateway starting", extra={
+        "gateway_id": settings.gateway_id, "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",
+        "influx": settings.influx.url, "api": f"http://{settings.api.host}:{settings.api.port}"})
+    waiters = [gw_task, api_task]
+    if stop is not None:
+        waiters.append(asyncio.create_task(stop.wait(), name="stop"))
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    gw_task.cancel()
+    for t in waiters:
+        if t not in done and t is not api_task:
+            t.cancel()
+    results = await asyncio.gather(gw_task, api_task, return_exceptions=True)
+    for r in results:
+        if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError):
+            log.error("gateway task failed", exc_info=r)

@@ -1,0 +1,430 @@
+"""The gateway service: wires MQTT in/out, fleet state, watchdog, commands and storage.
+
+Data flow of one message (all synchronous, no await on the hot path):
+    topic+payload -> parse/validate -> fleet state -> watchdog -> vent (publish now)
+                                                   \\-> points -> storage queue
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway import points
+from gateway.commands import CommandOutcome, CommandTracker, TrackedCommand, new_id
+from gateway.contract import (
+    CHANNEL_QOS,
+    HEARTBEAT_TOPIC,
+    TOPIC_ROOT,
+    Ack,
+    AckStatus,
+    BootEvent,
+    BootState,
+    Channel,
+    Command,
+    CommandKind,
+    EventKind,
+    Heartbeat,
+    PayloadError,
+    SessionProgram,
+    Telemetry,
+    TopicAddress,
+    TopicError,
+    decode,
+    parse_topic,
+    topic,
+)
+from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
+from gateway.mqtt_link import MqttLink, subscribe_options
+from gateway.programs import BootLimits, check_program
+from gateway.settings import GatewaySettings
+from gateway.storage import InfluxWriter
+from gateway.watchdog import SafetyAction, Watchdog
+
+log = logging.getLogger(__name__)
+
+_SESSION_END = {
+    EventKind.SESSION_COMPLETED: SessionOutcome.COMPLETED,
+    EventKind.SESSION_STOPPED: SessionOutcome.STOPPED,
+    EventKind.USER_STOP: SessionOutcome.USER_STOP,
+    EventKind.VENTED: SessionOutcome.VENTED,
+}
+
+
+class UnknownBoot(LookupError):
+    pass
+
+
+@dataclass
+class StartResult:
+    accepted: bool
+    reasons: list[str]
+    session_id: str | None = None
+    cmd_id: str | None = None
+    outcome: CommandOutcome | None = None
+
+
+@dataclass
+class IngestStats:
+    messages: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    vents_sent: int = 0
+    safety_events: int = 0
+
+
+class RateLimitedLog:
+    """Logs a given key at most once per interval, counting what it held back."""
+
+    def __init__(self, interval_s: float, monotonic: Callable[[], float]) -> None:
+        self.interval_s = interval_s
+        self._monotonic = monotonic
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, key: str, msg: str, **fields: object) -> None:
+        now = self._monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] += 1
+            return
+        if len(self._last) > 100_000:
+            self._last.clear()
+        self._last[key] = now
+        fields["suppressed_since_last"] = self._suppressed.pop(key, 0)
+        log.warning(msg, extra=fields)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        self.fleet = Fleet()
+        self.watchdog = Watchdog(settings.watchdog)
+        self.writer = InfluxWriter(settings.influx)
+        self.stats = IngestStats()
+        self.link = MqttLink(
+            settings.mqtt,
+            [(f"{TOPIC_ROOT}/#", subscribe_options(1))],
+            self.handle_message,
+        )
+        self.commands: CommandTracker | None = None
+        self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Run until cancelled; on the way out, write what storage still holds."""
+        self.commands = CommandTracker(
+            self.settings.command_ack_timeout_s, self._on_command_timeout, self.monotonic
+        )
+        self.writer.start()
+        tasks = [
+            asyncio.create_task(self.link.run(), name="mqtt"),
+            asyncio.create_task(self._ticker(), name="watchdog-tick"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._prepare_storage(), name="storage-setup"),
+        ]
+        try:
+            await self.link.connected.wait()
+            self.ready.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.commands.close()
+            await self.writer.close(timeout=10.0)
+            log.info("gateway stopped", extra={"points_written": self.writer.stats.points_written})
+
+    async def _prepare_storage(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.writer.ensure_database()
+                return
+            except Exception as exc:
+                log.warning("influxdb not ready", extra={"error": str(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    async def _ticker(self) -> None:
+        interval = self.settings.watchdog.tick_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = self.monotonic()
+            for boot in list(self.fleet.boots.values()):
+                actions = self.watchdog.on_tick(boot.watch, now)
+                if actions:
+                    self._apply(boot, actions)
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while True:
+            await self.link.connected.wait()
+            hb = Heartbeat(ts=self.clock(), gateway_id=self.settings.gateway_id,
+                           interval_s=interval)
+            self.link.publish_nowait(HEARTBEAT_TOPIC, hb.to_payload(), qos=0, retain=True)
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ ingress (hot path)
+
+    def handle_message(self, name: str, payload: bytes) -> None:
+        try:
+            addr = parse_topic(name)
+        except TopicError as exc:
+            if name.startswith(f"{TOPIC_ROOT}/_gateway/"):
+                return
+            self._reject(None, "bad_topic", str(exc), topic=name[:200])
+            return
+        if addr.channel is Channel.CMD:
+            return  # another gateway's command; not ours to act on
+        try:
+            msg = decode(addr.channel, payload, self.settings.max_payload_bytes)
+        except PayloadError as exc:
+            self._reject(addr, exc.kind, str(exc))
+            return
+        self.stats.messages[addr.channel.value] += 1
+        if isinstance(msg, Telemetry):
+            self._on_telemetry(addr, msg)
+        elif isinstance(msg, BootState):
+            self._on_state(addr, msg)
+        elif isinstance(msg, BootEvent):
+            self._on_event(addr, msg)
+        elif isinstance(msg, Ack):
+            self._on_ack(addr, msg)
+
+    def _reject(self, addr: TopicAddress | None, kind: str, reason: str, **fields: object) -> None:
+        self.stats.rejected[kind] += 1
+        key = addr.key if addr else "unknown"
+        self._reject_log.warning(
+            f"{key}:{kind}", "message rejected",
+            device=key, kind=kind, reason=reason,
+            rejected_total=self.stats.rejected[kind], **fields,
+        )
+        if addr is not None:
+            boot = self.fleet.get(addr.clinic, addr.device)
+            if boot is not None:
+                boot.faults += 1
+            self.writer.submit(points.device_fault(addr, kind, reason, self._now_ms()))
+
+    def _on_state(self, addr: TopicAddress, state: BootState) -> None:
+        ceiling = self.settings.programs.ceiling_for(addr.clinic)
+        before = self.fleet.get(addr.clinic, addr.device)
+        was_online = before.online if before else None
+        boot = self.fleet.upsert_state(addr.clinic, addr.device, state, self.clock(), ceiling)
+        if was_online != state.online:
+            log.info("boot online" if state.online else "boot offline", extra={
+                "device": boot.key, "firmware": state.firmware, "chambers": state.chambers,
+                "in_session": boot.session is not None})
+        self.writer.submit(points.boot_state(boot, self._now_ms()))
+
+    def _on_telemetry(self, addr: TopicAddress, sample: Telemetry) -> None:
+        boot = self.fleet.get(addr.clinic, addr.device)
+        if boot is None:
+            # Stored (the data is real) but not watched: we do not know its limits yet.
+            self.stats.rejected["unknown_boot_telemetry"] += 1
+            self._reject_log.warning(f"{addr.key}:nostate", "telemetry from a boot without state",
+                                     device=addr.key)
+            self.writer.submit(points.telemetry(addr, sample))
+            return
+        if len(sample.pressures) != boot.state.chambers:
+            self._reject(addr, "chamber_count", f"{len(sample.pressures)} pressures for a boot "
+                         f"with {boot.state.chambers} chambers")
+            return
+        boot.last_seen = self.clock()
+        boot.last_telemetry = sample
+        actions = self.watchdog.on_telemetry(boot.watch, sample, self.monotonic())
+        if actions:
+            self._apply(boot, actions)
+        self.writer.submit(points.telemetry(addr, sample))
+
+    def _on_event(self, addr: TopicAddress, event: BootEvent) -> None:
+        boot = self.fleet.get(addr.clinic, addr.device)
+        self.writer.submit(points.boot_event(addr, event, self._now_ms()))
+        if boot is None:
+            return
+        boot.last_seen = self.clock()
+        actions = self.watchdog.on_event(boot.watch, event, self.monotonic())
+        if actions:
+            self._apply(boot, actions)
+        if event.kind is EventKind.SESSION_STARTED and boot.session is not None:
+            self._session_running(boot)
+        elif event.kind in _SESSION_END:
+            if boot.session is not None and event.session_id in (None, boot.session.session_id):
+                self._end_session(boot, _SESSION_END[event.kind])
+        elif event.kind is EventKind.FAULT:
+            boot.faults += 1
+            self.writer.submit(points.device_fault(addr, "boot_fault", event.detail or "",
+                                                   self._now_ms()))
+
+    def _on_ack(self, addr: TopicAddress, ack: Ack) -> None:
+        assert self.commands is not None
+        tracked = self.commands.on_ack(addr.key, ack)
+        if tracked is None:
+            self._reject(addr, "unknown_ack", f"ack for unknown command {ack.cmd_id}")
+            return
+        boot = self.fleet.get(addr.clinic, addr.device)
+        self.writer.submit(points.command(tracked, self._now_ms()))
+        if boot is None or boot.session is None:
+            return
+        if tracked.command.cmd_id != boot.session.cmd_id:
+            return
+        if ack.status is AckStatus.ACCEPTED:
+            self._session_running(boot)
+        elif ack.status is AckStatus.REJECTED:
+            log.warning("boot rejected session start", extra={
+                "device": boot.key, "reason": ack.reason, "cmd_id": ack.cmd_id})
+            self._end_session(boot, SessionOutcome.REJECTED)
+        elif ack.status is AckStatus.DONE:
+            self._end_session(boot, SessionOutcome.COMPLETED)
+
+    # ------------------------------------------------------------------ sessions and actions
+
+    def _session_running(self, boot: Boot) -> None:
+        session = boot.session
+        assert session is not None
+        if session.status is SessionStatus.RUNNING:
+            return
+        session.status = SessionStatus.RUNNING
+        session.started_at = self.clock()
+        boot.watch.start_session(session.session_id, session.program.targets_mmhg,
+                                 self.monotonic())
+        log.info("session running", extra={"device": boot.key, "session_id": session.session_id,
+                                           "program": session.program.name})
+        self.writer.submit(points.session(boot, session, "started", self._now_ms()))
+
+    def _end_session(self, boot: Boot, outcome: SessionOutcome) -> None:
+        session = boot.session
+        if session is None:
+            return
+        boot.session = None
+        boot.last_outcome = outcome
+        boot.watch.end_session()
+        log.info("session ended", extra={"device": boot.key, "session_id": session.session_id,
+                                         "outcome": outcome.value})
+        self.writer.submit(points.session(boot, session, outcome.value, self._now_ms(),
+                                          ended_at=self.clock()))
+
+    def _apply(self, boot: Boot, actions: list[SafetyAction]) -> None:
+        """Carry out watchdog actions: the vent goes out before anything is stored."""
+        for action in actions:
+            if action.vent:
+                self._send_vent(boot, f"{action.rule.value}: {action.detail}")
+            self.stats.safety_events += 1
+            session_id = boot.session.session_id if boot.session else boot.watch.session_id
+            log.warning("safety event", extra={
+                "device": boot.key, "rule": action.rule.value, "severity": action.severity.value,
+                "vent": action.vent, "chamber": action.chamber, "value": action.value,
+                "limit": action.limit, "detail": action.detail})
+            self.writer.submit(points.safety_event(boot, action, session_id, self._now_ms()))
+            if action.vent:
+                self._end_session(boot, SessionOutcome.VENTED)
+
+    def _send_vent(self, boot: Boot, reason: str) -> TrackedCommand:
+        cmd = Command(cmd_id=new_id("v"), kind=CommandKind.VENT, issued_at=self.clock(),
+                      reason=reason[:500])
+        # Vent never expires: a late vent is still a vent.
+        self.link.publish_nowait(topic(boot.clinic, boot.device, Channel.CMD), cmd.to_payload(),
+                                 qos=CHANNEL_QOS[Channel.CMD])
+        boot.vents += 1
+        boot.watch.venting = True
+        self.stats.vents_sent += 1
+        return self._track(boot, cmd)
+
+    def _track(self, boot: Boot, cmd: Command) -> TrackedCommand:
+        assert self.commands is not None
+        tracked = self.commands.track(boot.key, cmd)
+        self.writer.submit(points.command(tracked, self._now_ms()))
+        return tracked
+
+    def _on_command_timeout(self, tracked: TrackedCommand) -> None:
+        log.error("command not acknowledged", extra={
+            "device": tracked.key, "cmd_id": tracked.command.cmd_id,
+            "kind": tracked.command.kind.value, "timeout_s": self.settings.command_ack_timeout_s})
+        self.writer.submit(points.command(tracked, self._now_ms()))
+        boot = self.fleet.boots.get(tracked.key)
+        if boot and boot.session and boot.session.cmd_id == tracked.command.cmd_id:
+            self._end_session(boot, SessionOutcome.FAILED)
+
+    # ------------------------------------------------------------------ control (API, CLI)
+
+    def boot(self, clinic: str, device: str) -> Boot:
+        boot = self.fleet.get(clinic, device)
+        if boot is None:
+            raise UnknownBoot(f"no boot {clinic}/{device} has been seen")
+        return boot
+
+    def check(self, boot: Boot, program: SessionProgram) -> list[str]:
+        limits = BootLimits(
+            clinic=boot.clinic, chambers=boot.state.chambers,
+            max_pressure_mmhg=boot.state.max_pressure_mmhg, online=boot.online,
+            in_session=boot.session is not None,
+        )
+        reasons = check_program(program, limits, self.settings.programs)
+        if not self.link.connected.is_set():
+            reasons.append("the gateway is not connected to the broker")
+        return reasons
+
+    async def start_session(
+        self, clinic: str, device: str, program: SessionProgram, *, wait: bool = True
+    ) -> StartResult:
+        """Check, then send a start that expires; with wait, return after the boot's first ack."""
+        boot = self.boot(clinic, device)
+        reasons = self.check(boot, program)
+        if reasons:
+            log.info("session refused", extra={"device": boot.key, "program": program.name,
+                                               "reasons": reasons})
+            return StartResult(False, reasons)
+        now = self.clock()
+        expiry = self.settings.programs.start_expiry_s
+        cmd = Command(cmd_id=new_id("c"), kind=CommandKind.START, issued_at=now,
+                      expires_at=now + expiry, session_id=new_id("s"), program=program)
+        assert cmd.session_id is not None
+        boot.session = Session(cmd.session_id, program, cmd.cmd_id, now)
+        tracked = self._track(boot, cmd)
+        await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
+                                qos=CHANNEL_QOS[Channel.CMD], expiry_s=expiry)
+        log.info("session start sent", extra={"device": boot.key, "program": program.name,
+                                              "session_id": cmd.session_id, "cmd_id": cmd.cmd_id})
+        outcome = CommandOutcome.SENT
+        if wait:
+            outcome = await tracked.first_ack
+        accepted = outcome in (CommandOutcome.SENT, CommandOutcome.ACCEPTED, CommandOutcome.DONE)
+        reasons = [] if accepted else [tracked.reason or outcome.value]
+        return StartResult(accepted, reasons, cmd.session_id, cmd.cmd_id, outcome)
+
+    async def stop_session(self, clinic: str, device: str, *, wait: bool = True) -> TrackedCommand:
+        boot = self.boot(clinic, device)
+        cmd = Command(cmd_id=new_id("c"), kind=CommandKind.STOP, issued_at=self.clock(),
+                      session_id=boot.session.session_id if boot.session else None)
+        tracked = self._track(boot, cmd)
+        await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
+                                qos=CHANNEL_QOS[Channel.CMD])
+        if wait:
+            await tracked.first_ack
+        return tracked
+
+    async def vent(self, clinic: str, device: str, reason: str, *, wait: bool = True
+                   ) -> TrackedCommand:
+        boot = self.boot(clinic, device)
+        log.warning("manual vent", extra={"device": boot.key, "reason": reason})
+        tracked = self._send_vent(boot, f"manual: {reason}")
+        self._end_session(boot, SessionOutcome.VENTED)
+        if wait:
+            await tracked.first_ack
+        return tracked
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)

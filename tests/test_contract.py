@@ -1,0 +1,83 @@
+"""Unit tests of the device contract: topics, ids and payload decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.contract import (
+    BootState,
+    Channel,
+    Command,
+    CommandKind,
+    PayloadError,
+    Telemetry,
+    TopicError,
+    decode,
+    parse_topic,
+    topic,
+)
+
+
+def test_topic_round_trip() -> None:
+    name = topic("clinic-1", "boot_07", Channel.TELEMETRY)
+    assert name == "boots/v1/clinic-1/boot_07/telemetry"
+    addr = parse_topic(name)
+    assert (addr.clinic, addr.device, addr.channel) == ("clinic-1", "boot_07", Channel.TELEMETRY)
+
+
+@pytest.mark.parametrize("name", [
+    "boots/v1/c1/b1/bogus",
+    "boots/v1/c1/b/1/telemetry",  # a device id with a slash adds a level
+    "boots/v1/c1/b 1/telemetry",
+    "boots/v1/c1/" + "x" * 65 + "/telemetry",
+    "boots/v2/c1/b1/telemetry",
+    "other/c1/b1/telemetry",
+])
+def test_bad_topics_are_refused(name: str) -> None:
+    with pytest.raises(TopicError):
+        parse_topic(name)
+
+
+def test_topic_builder_refuses_bad_ids() -> None:
+    with pytest.raises(ValueError):
+        topic("c1", "a/b", Channel.STATE)
+
+
+GOOD = {"seq": 1, "ts": 1.5, "phase": "hold", "pressures": [50.0, 49.0]}
+
+
+@pytest.mark.parametrize(("payload", "kind", "text"), [
+    (b"not json", "not_json", "not JSON"),
+    (b'{"seq": 1, "ts": 1, "phase": "hold", "pressures": [NaN]}', "not_json", "NaN"),
+    (json.dumps({**GOOD, "pressures": ["high", 1]}).encode(), "invalid", "pressures.0"),
+    (json.dumps({**GOOD, "seq": -1}).encode(), "invalid", "seq"),
+    (json.dumps({**GOOD, "phase": "dance"}).encode(), "invalid", "phase"),
+    (json.dumps([1, 2]).encode(), "invalid", "payload"),
+    (b"\xff\xfe", "not_json", "not JSON"),
+    (b"x" * 20000, "too_large", "20000 bytes"),
+])
+def test_bad_payloads_raise_a_labelled_error(payload: bytes, kind: str, text: str) -> None:
+    with pytest.raises(PayloadError) as err:
+        decode(Channel.TELEMETRY, payload, max_bytes=16384)
+    assert err.value.kind == kind
+    assert text in str(err.value)
+
+
+def test_good_payload_decodes() -> None:
+    msg = decode(Channel.TELEMETRY, json.dumps(GOOD).encode(), 16384)
+    assert isinstance(msg, Telemetry) and msg.pressures == [50.0, 49.0]
+
+
+def test_state_zones_must_match_chambers() -> None:
+    with pytest.raises(ValueError, match="zones has 1 entries for 2 chambers"):
+        BootState(online=True, firmware="f", chambers=2, zones=["foot"], max_pressure_mmhg=120,
+                  telemetry_period_s=0.5, ts=0)
+
+
+def test_start_command_needs_a_program() -> None:
+    with pytest.raises(ValueError, match="needs a program"):
+        Command(cmd_id="c-1", kind=CommandKind.START, issued_at=0)
+    vent = Command(cmd_id="v-1", kind=CommandKind.VENT, issued_at=0)
+    assert json.loads(vent.to_payload()) == {"cmd_id": "v-1", "kind": "vent", "issued_at": 0.0}
