@@ -190,6 +190,9 @@ class Gateway:
             return
         if addr.channel is Channel.CMD:
             return  # another gateway's command; not ours to act on
+        if addr.channel is Channel.STATE and not payload:
+            self._forget(addr)  # retained state cleared: the boot was taken out of service
+            return
         try:
             msg = decode(addr.channel, payload, self.settings.max_payload_bytes)
         except PayloadError as exc:
@@ -229,6 +232,18 @@ class Gateway:
                 "device": boot.key, "firmware": state.firmware, "chambers": state.chambers,
                 "in_session": boot.session is not None})
         self.writer.submit(points.boot_state(boot, self._now_ms()))
+
+    def _forget(self, addr: TopicAddress) -> None:
+        boot = self.fleet.boots.get(addr.key)
+        if boot is None:
+            return
+        if boot.session is not None:
+            # Never stop watching a session; the boot is removed once the session ends.
+            log.warning("retained state cleared during a session; still watching", extra={
+                "device": addr.key, "session_id": boot.session.session_id})
+            return
+        del self.fleet.boots[addr.key]
+        log.info("boot removed (retained state cleared)", extra={"device": addr.key})
 
     def _on_telemetry(self, addr: TopicAddress, sample: Telemetry) -> None:
         boot = self.fleet.get(addr.clinic, addr.device)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import aiomqtt
 import pytest
 
 from device_sim.fleet import SimFleet
 from device_sim.local_stack import LocalMosquitto
-from gateway.contract import AckStatus, CommandKind, EventKind
+from gateway.contract import AckStatus, BootState, Channel, Command, CommandKind, EventKind, topic
 from tests.helpers import RunningGateway, mqtt_of, short_program, wait_for
 
 pytestmark = pytest.mark.integration
@@ -178,3 +179,40 @@ async def test_program_above_ceiling_is_refused_before_sending(
                                       json={"program": "post_workout_recovery"})
         assert busy.status_code == 409
         assert "already running a session" in busy.text
+
+
+async def test_command_without_ack_is_reported_failed(
+    gateway: RunningGateway, mosquitto: LocalMosquitto
+) -> None:
+    """A boot that announces itself but never answers: the start times out as failed."""
+    clinic = gateway.clinic()
+    state = BootState(online=True, firmware="mute-1", chambers=4,
+                      zones=["foot", "calf", "knee", "thigh"], max_pressure_mmhg=120,
+                      telemetry_period_s=0.5, ts=0)
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier=f"mute-{clinic}",
+                              protocol=aiomqtt.ProtocolVersion.V5) as mute:
+        await mute.subscribe(topic(clinic, "mute", Channel.CMD), qos=1)
+        await mute.publish(topic(clinic, "mute", Channel.STATE), state.to_payload(), qos=1,
+                           retain=True)
+        await wait_boots_known(gateway, [f"{clinic}/mute"])
+        resp = await gateway.api.post(f"/api/v1/boots/{clinic}/mute/session",
+                                      json={"custom": short_program().model_dump(mode="json")})
+        assert resp.status_code == 502
+        assert resp.json()["detail"]["reasons"] == ["no ack within 5 s"]
+        # The start really went out, with an MQTT 5 expiry and an expires_at.
+        message = await asyncio.wait_for(anext(aiter(mute.messages)), 5)
+        assert message.properties.MessageExpiryInterval == 5
+        cmd = Command.model_validate_json(message.payload)
+        assert cmd.kind is CommandKind.START and cmd.expires_at == pytest.approx(
+            cmd.issued_at + 5)
+        cmd_id = resp.json()["detail"].get("cmd_id") or cmd.cmd_id
+        status = (await gateway.api.get(f"/api/v1/commands/{cmd_id}")).json()
+        assert status["outcome"] == "failed"
+        assert gateway.gw.fleet.boots[f"{clinic}/mute"].session is None
+        await mute.publish(topic(clinic, "mute", Channel.STATE), b"", qos=1, retain=True)
+    await gateway.flush()
+    assert gateway.count("SELECT count(cmd_id) FROM command WHERE outcome = 'failed'") == 1
+    assert gateway.count("SELECT count(session_id) FROM session WHERE outcome = 'failed'") == 1
+    # Clearing the retained state (empty payload) removes the boot instead of a rejection.
+    assert f"{clinic}/mute" not in gateway.gw.fleet.boots
+    assert gateway.gw.stats.rejected.total() == 0
