@@ -9,6 +9,7 @@ and logged, never dropped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -49,6 +50,7 @@ class InfluxWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.stats = WriterStats()
         self._params = {"db": settings.database, "precision": "ms"}
         if settings.retention_policy:
@@ -90,13 +92,13 @@ class InfluxWriter:
 
     async def _run(self) -> None:
         backoff = 0.0
-        while True:
+        while not self._stopping:
             if not self._queue:
                 self._idle.set()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.flush_interval_s)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.flush_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             while self._queue:
                 n = min(self.settings.batch_size, len(self._queue))
@@ -151,7 +153,8 @@ class InfluxWriter:
         """Wait until everything submitted so far is written; False on timeout."""
         self._wake.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True
@@ -160,6 +163,7 @@ class InfluxWriter:
         """Write what is queued (bounded by timeout), then stop; what is left is reported."""
         if not await self.flush(timeout) and self._queue:
             log.error("storage closed with unwritten points", extra={"points": len(self._queue)})
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -84,4 +84,5 @@ async def gateway(mosquitto: LocalMosquitto, influx: LocalInflux) -> AsyncIterat
             await asyncio.sleep(0.05)
         yield RunningGateway(gw, api, influx, db, f"c{secrets.token_hex(3)}-")
     stop.set()
-    await asyncio.wait_for(task, 20)
+    async with asyncio.timeout(20):  # a gateway that cannot shut down fails the test
+        await task

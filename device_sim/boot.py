@@ -1,0 +1,563 @@
+"""One simulated boot: the physics model behind a real MQTT v5 connection, speaking the contract.
+
+A `SimBoot` behaves like firmware would: retained state + LWT, commands in, acks/events/telemetry
+out. It also records what it saw and offers awaitables (built on an asyncio.Event, never sleeps)
+so integration tests can wait for "this boot got a vent" or "the session completed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import aiomqtt
+
+from device_sim.physics import BootModel
+from gateway.contract import (
+    CHANNEL_QOS,
+    CHANNEL_RETAIN,
+    HEARTBEAT_TOPIC,
+    Ack,
+    AckStatus,
+    BootEvent,
+    BootState,
+    Channel,
+    Command,
+    CommandKind,
+    EventKind,
+    PayloadError,
+    Telemetry,
+    decode,
+    topic,
+)
+from gateway.settings import MqttSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_CMD_BYTES = 65536
+# Standard zone names, distal to proximal; boots with more chambers number the rest.
+_ZONES = ["foot", "calf", "knee", "thigh", "hip"]
+# Duplicate cmd_ids (QoS 1 redelivery) are answered from this memory instead of re-executed.
+_SEEN_CMDS = 256
+# Acks/events produced while offline wait here and go out after the reconnect.
+_OUTBOX_MAX = 1000
+_PUBLISH_TIMEOUT_S = 5.0
+_OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+
+
+def zones_for(chambers: int) -> list[str]:
+    """Zone label per chamber, distal to proximal (BootState.zones)."""
+    return (_ZONES + [f"zone{i + 1}" for i in range(len(_ZONES), chambers)])[:chambers]
+
+
+class SimBoot:
+    """A simulated boot with its own MQTT client `sim-{clinic}-{device}`."""
+
+    def __init__(
+        self,
+        clinic: str,
+        device: str,
+        mqtt: MqttSettings,
+        *,
+        chambers: int = 4,
+        max_pressure_mmhg: float = 120.0,
+        telemetry_period_s: float = 0.5,
+        telemetry_qos: int | None = None,
+        firmware: str = "sim-1.0",
+        seed: int | None = None,
+        clock: Callable[[], float] = time.time,
+        heartbeat_timeout_s: float | None = None,
+    ) -> None:
+        """heartbeat_timeout_s: if set, a boot in session vents itself when no live gateway
+        heartbeat arrived for that long (defence in depth; off by default so tests without a
+        gateway are not vented)."""
+        self.clinic = clinic
+        self.device = device
+        self.key = f"{clinic}/{device}"
+        self.client_id = f"sim-{clinic}-{device}"
+        self.mqtt = mqtt
+        self.chambers = chambers
+        self.max_pressure_mmhg = max_pressure_mmhg
+        self.telemetry_period_s = telemetry_period_s
+        self.telemetry_qos = (
+            CHANNEL_QOS[Channel.TELEMETRY] if telemetry_qos is None else telemetry_qos
+        )
+        self.firmware = firmware
+        self.clock = clock
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.last_heartbeat_at: float | None = None
+        self.self_vents = 0
+        self.model = BootModel(chambers, max_pressure_mmhg, rng=random.Random(seed))
+        self._topics = {ch: topic(clinic, device, ch) for ch in Channel}
+
+        # Session bookkeeping.
+        self.session_id: str | None = None
+        self._start_cmd_id: str | None = None
+        self._silent = False
+        self._seq = 0
+
+        # Counters and records (read by tests and the fleet runner).
+        self.telemetry_sent = 0
+        self.telemetry_sent_by_session: dict[str, int] = {}
+        self.commands_received: list[Command] = []
+        self.vents_received = 0
+        self.vent_received_at: float | None = None
+        self.sessions_completed = 0
+        self.acks_sent: list[Ack] = []
+        self.events_sent: list[BootEvent] = []
+        self.malformed_commands = 0
+        self.connections = 0
+
+        self._client: aiomqtt.Client | None = None
+        self._publish_lock = asyncio.Lock()
+        self._outbox: deque[tuple[Channel, bytes]] = deque(maxlen=_OUTBOX_MAX)
+        self._seen: OrderedDict[str, Ack] = OrderedDict()
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
+    def silent(self) -> bool:
+        return self._silent
+
+    @property
+    def in_session(self) -> bool:
+        return self.model.in_session
+
+    def state_payload(self, online: bool) -> bytes:
+        return BootState(
+            online=online,
+            firmware=self.firmware,
+            chambers=self.chambers,
+            zones=zones_for(self.chambers),
+            max_pressure_mmhg=self.max_pressure_mmhg,
+            telemetry_period_s=self.telemetry_period_s,
+            ts=self.clock(),
+        ).to_payload()
+
+    # ------------------------------------------------------------------ test / runner hooks
+
+    async def press_stop(self) -> None:
+        """The user's stop button (numbness, pain): the session stops and USER_STOP is sent."""
+        session_id = self.session_id
+        self.model.stop(self.clock())
+        self._end_session()
+        log.info("user stop", extra={"boot": self.key, "session_id": session_id})
+        await self._event(EventKind.USER_STOP, session_id=session_id, detail="stop button")
+
+    def inject_stuck_valve(self, chamber: int) -> None:
+        """Fault: one chamber keeps inflating during any session until the boot is vented."""
+        self.model.stuck_valve(chamber)
+        log.info("stuck valve injected", extra={"boot": self.key, "chamber": chamber})
+
+    def set_silent(self, on: bool) -> None:
+        """Fault: telemetry stops (connection stays up, commands are still obeyed)."""
+        self._silent = on
+        log.info("silent fault", extra={"boot": self.key, "silent": on})
+
+    async def publish_raw(
+        self, channel: Channel, payload: bytes, qos: int = 1, *, retain: bool = False
+    ) -> None:
+        """Send arbitrary bytes on one of this boot's topics (for bad-input tests)."""
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError(f"{self.key} is not connected")
+        async with self._publish_lock:
+            await client.publish(
+                self._topics[channel], payload, qos=qos, retain=retain,
+                timeout=_PUBLISH_TIMEOUT_S,
+            )
+
+    async def wait_until(self, predicate: Callable[[], T], timeout: float) -> T:
+        """Wait until predicate() is truthy; return its value. Raises TimeoutError.
+
+        Re-checked on every state change: command, ack, event, (dis)connect, and every
+        telemetry tick (so predicates on pressures or counters work too).
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                result = predicate()
+                if result:
+                    return result
+                await self._changed.wait()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await self.wait_until(lambda: self.connected, timeout)
+
+    async def wait_for_ack(
+        self, status: AckStatus, timeout: float = 10.0, *, cmd_id: str | None = None
+    ) -> Ack:
+        """First ack sent with this status (and cmd_id, if given), including earlier ones."""
+
+        def find() -> Ack | None:
+            for ack in self.acks_sent:
+                if ack.status is status and (cmd_id is None or ack.cmd_id == cmd_id):
+                    return ack
+            return None
+
+        return await self.wait_until(find, timeout)  # type: ignore[return-value]
+
+    async def wait_for_event(
+        self, kind: EventKind, timeout: float = 10.0, *, session_id: str | None = None
+    ) -> BootEvent:
+        """First event sent of this kind (and session, if given), including earlier ones."""
+
+        def find() -> BootEvent | None:
+            for ev in self.events_sent:
+                if ev.kind is kind and (session_id is None or ev.session_id == session_id):
+                    return ev
+            return None
+
+        return await self.wait_until(find, timeout)  # type: ignore[return-value]
+
+    async def wait_for_vent(self, timeout: float = 10.0, *, count: int = 1) -> float:
+        """Until `count` vent commands have arrived; returns the clock time of the first."""
+        await self.wait_until(lambda: self.vents_received >= count, timeout)
+        assert self.vent_received_at is not None
+        return self.vent_received_at
+
+    async def wait_for_session_completed(self, timeout: float = 60.0, *, count: int = 1) -> None:
+        await self.wait_until(lambda: self.sessions_completed >= count, timeout)
+
+    async def wait_for_command(self, kind: CommandKind, timeout: float = 10.0) -> Command:
+        def find() -> Command | None:
+            return next((c for c in self.commands_received if c.kind is kind), None)
+
+        return await self.wait_until(find, timeout)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Connect, serve until cancelled; reconnect with backoff; on cancel go offline cleanly."""
+        backoff = self.mqtt.reconnect_min_s
+        while True:
+            try:
+                async with self._make_client() as client:
+                    backoff = self.mqtt.reconnect_min_s
+                    await self._serve(client)
+            except aiomqtt.MqttError as exc:
+                was_connected = self._client is not None
+                self._set_client(None)
+                log.warning(
+                    "mqtt connection lost" if was_connected else "mqtt connect failed",
+                    extra={"boot": self.key, "error": str(exc), "retry_in_s": backoff},
+                )
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, self.mqtt.reconnect_max_s)
+            finally:
+                self._set_client(None)
+
+    def _make_client(self) -> aiomqtt.Client:
+        m = self.mqtt
+        return aiomqtt.Client(
+            m.host,
+            m.port,
+            username=m.username,
+            password=m.password.get_secret_value() if m.password else None,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(
+                self._topics[Channel.STATE],
+                self.state_payload(online=False),
+                qos=CHANNEL_QOS[Channel.STATE],
+                retain=True,
+            ),
+            keepalive=m.keepalive_s,
+            timeout=_PUBLISH_TIMEOUT_S,
+        )
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        ticker: asyncio.Task[None] | None = None
+        try:
+            await client.publish(
+                self._topics[Channel.STATE], self.state_payload(online=True),
+                qos=CHANNEL_QOS[Channel.STATE], retain=CHANNEL_RETAIN[Channel.STATE],
+            )
+            await client.subscribe(self._topics[Channel.CMD], qos=CHANNEL_QOS[Channel.CMD])
+            if self.heartbeat_timeout_s is not None:
+                await client.subscribe(HEARTBEAT_TOPIC, qos=0)
+            self.connections += 1
+            self._set_client(client)
+            log.info("boot online", extra={"boot": self.key, "connections": self.connections})
+            await self._flush_outbox()
+            ticker = asyncio.create_task(self._telemetry_loop(), name=f"telemetry-{self.key}")
+            async for message in client.messages:
+                if message.topic.matches(HEARTBEAT_TOPIC):
+                    # A retained heartbeat says nothing about the gateway being alive now.
+                    if not message.retain:
+                        self.last_heartbeat_at = self.clock()
+                    continue
+                await self._on_message(message.payload)
+        except asyncio.CancelledError:
+            await self._go_offline(client, ticker)
+            raise
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+
+    async def _go_offline(self, client: aiomqtt.Client, ticker: asyncio.Task[None] | None) -> None:
+        """Retained online=false before a clean disconnect (a clean disconnect fires no LWT).
+
+        The telemetry task is cancelled only while we hold the publish lock, so no sample is
+        cut off mid-publish: `telemetry_sent` equals what the broker got.
+        """
+        self._set_client(None)
+        try:
+            async with asyncio.timeout(_OFFLINE_PUBLISH_TIMEOUT_S):
+                async with self._publish_lock:
+                    if ticker is not None:
+                        ticker.cancel()
+                    await client.publish(
+                        self._topics[Channel.STATE], self.state_payload(online=False),
+                        qos=CHANNEL_QOS[Channel.STATE], retain=True,
+                    )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            if ticker is not None:
+                ticker.cancel()
+            log.warning("offline state not sent", extra={"boot": self.key, "error": str(exc)})
+
+    def _set_client(self, client: aiomqtt.Client | None) -> None:
+        self._client = client
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every waiter; they re-check their predicate against the new state."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ telemetry
+
+    async def _telemetry_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            await self._tick()
+            next_at += self.telemetry_period_s
+            delay = next_at - loop.time()
+            if delay < 0:  # fell behind (overloaded host): skip, don't burst
+                next_at = loop.time()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    async def _tick(self) -> None:
+        """One sample: advance the model, finish a completed session, publish telemetry."""
+        try:
+            await self._sample()
+        finally:
+            self._notify()  # pressures and counters moved: let wait_until() re-check
+
+    async def _sample(self) -> None:
+        now = self.clock()
+        phase, measured = self.model.step(now)
+        if self.model.poll_completed():
+            await self._complete_session()
+        elif self._heartbeat_lost(now):
+            await self._self_vent(now)
+        session_id = self.session_id
+        if self._silent:
+            return
+        msg = Telemetry(
+            seq=self._seq,
+            ts=now,
+            session_id=session_id,
+            phase=phase,
+            pressures=[round(p, 1) for p in measured],
+        )
+        self._seq += 1
+        client = self._client
+        if client is None:
+            return
+        try:
+            async with self._publish_lock:
+                await client.publish(
+                    self._topics[Channel.TELEMETRY], msg.to_payload(),
+                    qos=self.telemetry_qos, timeout=_PUBLISH_TIMEOUT_S,
+                )
+                # Counted under the lock so shutdown never sees a half-counted sample.
+                self.telemetry_sent += 1
+                if session_id is not None:
+                    self.telemetry_sent_by_session[session_id] = (
+                        self.telemetry_sent_by_session.get(session_id, 0) + 1
+                    )
+        except aiomqtt.MqttError as exc:
+            log.debug("telemetry not sent", extra={"boot": self.key, "error": str(exc)})
+
+    def _heartbeat_lost(self, now: float) -> bool:
+        if self.heartbeat_timeout_s is None or not self.model.in_session:
+            return False
+        elapsed = self.model.session_elapsed(now) or 0.0
+        reference = max(self.last_heartbeat_at or -float("inf"), now - elapsed)
+        return now - reference > self.heartbeat_timeout_s
+
+    async def _self_vent(self, now: float) -> None:
+        session_id = self.session_id
+        self.model.vent(now)
+        self._end_session()
+        self.self_vents += 1
+        log.warning("gateway heartbeat lost, venting", extra={
+            "boot": self.key, "session_id": session_id, "timeout_s": self.heartbeat_timeout_s})
+        await self._event(EventKind.VENTED, session_id=session_id, detail="gateway heartbeat lost")
+
+    async def _complete_session(self) -> None:
+        session_id, cmd_id = self.session_id, self._start_cmd_id
+        self._end_session()
+        self.sessions_completed += 1
+        log.info("session completed", extra={"boot": self.key, "session_id": session_id})
+        await self._event(EventKind.SESSION_COMPLETED, session_id=session_id)
+        if cmd_id is not None:
+            await self._ack(cmd_id, AckStatus.DONE)
+
+    def _end_session(self) -> None:
+        self.session_id = None
+        self._start_cmd_id = None
+        self._notify()
+
+    # ------------------------------------------------------------------ commands
+
+    async def _on_message(self, payload: object) -> None:
+        if not isinstance(payload, bytes | bytearray):
+            payload = str(payload).encode()
+        try:
+            cmd = decode(Channel.CMD, bytes(payload), max_bytes=MAX_CMD_BYTES)
+        except PayloadError as exc:
+            self.malformed_commands += 1
+            log.warning(
+                "malformed command ignored",
+                extra={"boot": self.key, "kind": exc.kind, "error": str(exc)},
+            )
+            return
+        assert isinstance(cmd, Command)
+        await self.handle_command(cmd)
+
+    async def handle_command(self, cmd: Command) -> None:
+        """Execute one command as the firmware would (public so tests can skip the broker)."""
+        now = self.clock()
+        self.commands_received.append(cmd)
+        if cmd.kind is CommandKind.VENT:
+            # Safety first: count and act before any duplicate check or publishing.
+            self.vents_received += 1
+            if self.vent_received_at is None:
+                self.vent_received_at = now
+        self._notify()
+        log.info(
+            "command received",
+            extra={"boot": self.key, "cmd_id": cmd.cmd_id, "cmd": cmd.kind.value},
+        )
+        previous = self._seen.get(cmd.cmd_id)
+        if previous is not None and cmd.kind is not CommandKind.VENT:
+            await self._ack(cmd.cmd_id, previous.status, previous.reason, remember=False)
+            return
+        if cmd.kind is CommandKind.START:
+            await self._start(cmd, now)
+        elif cmd.kind is CommandKind.STOP:
+            session_id = self.session_id
+            self.model.stop(now)
+            self._end_session()
+            await self._ack(cmd.cmd_id, AckStatus.DONE)
+            if session_id is not None:
+                await self._event(EventKind.SESSION_STOPPED, session_id=session_id,
+                                  detail=cmd.reason)
+        else:
+            session_id = self.session_id
+            self.model.vent(now)
+            self._end_session()
+            await self._ack(cmd.cmd_id, AckStatus.DONE)
+            await self._event(EventKind.VENTED, session_id=session_id, detail=cmd.reason)
+
+    def _start_refusal(self, cmd: Command, now: float) -> str | None:
+        assert cmd.program is not None
+        if cmd.expires_at is not None and now > cmd.expires_at:
+            return "expired"
+        if self.model.in_session:
+            return "busy"
+        n = len(cmd.program.targets_mmhg)
+        if n != self.chambers:
+            return f"program has {n} chamber targets, boot has {self.chambers} chambers"
+        for i, target in enumerate(cmd.program.targets_mmhg, start=1):
+            if target > self.max_pressure_mmhg:
+                return (
+                    f"chamber {i} target {target:g} mmHg above boot maximum "
+                    f"{self.max_pressure_mmhg:g} mmHg"
+                )
+        return None
+
+    async def _start(self, cmd: Command, now: float) -> None:
+        reason = self._start_refusal(cmd, now)
+        if reason is not None:
+            log.info(
+                "start rejected",
+                extra={"boot": self.key, "cmd_id": cmd.cmd_id, "reason": reason},
+            )
+            await self._ack(cmd.cmd_id, AckStatus.REJECTED, reason)
+            return
+        assert cmd.program is not None and cmd.session_id is not None
+        self.model.start(cmd.program, now)
+        self.session_id = cmd.session_id
+        self._start_cmd_id = cmd.cmd_id
+        self._notify()
+        await self._ack(cmd.cmd_id, AckStatus.ACCEPTED)
+        await self._event(EventKind.SESSION_STARTED, session_id=cmd.session_id,
+                          detail=cmd.program.name)
+
+    # ------------------------------------------------------------------ publishing
+
+    async def _ack(
+        self, cmd_id: str, status: AckStatus, reason: str | None = None, *, remember: bool = True
+    ) -> None:
+        ack = Ack(cmd_id=cmd_id, status=status, ts=self.clock(), reason=reason)
+        if remember:
+            self._seen[cmd_id] = ack
+            self._seen.move_to_end(cmd_id)
+            while len(self._seen) > _SEEN_CMDS:
+                self._seen.popitem(last=False)
+        self.acks_sent.append(ack)
+        self._notify()
+        await self._send(Channel.ACK, ack.to_payload())
+
+    async def _event(
+        self, kind: EventKind, *, session_id: str | None = None, detail: str | None = None
+    ) -> None:
+        ev = BootEvent(kind=kind, ts=self.clock(), session_id=session_id, detail=detail)
+        self.events_sent.append(ev)
+        self._notify()
+        await self._send(Channel.EVENT, ev.to_payload())
+
+    async def _send(self, channel: Channel, payload: bytes) -> None:
+        """Publish an ack/event; if offline or failing, keep it for after the reconnect."""
+        client = self._client
+        if client is None:
+            self._outbox.append((channel, payload))
+            return
+        try:
+            async with self._publish_lock:
+                await client.publish(
+                    self._topics[channel], payload, qos=CHANNEL_QOS[channel],
+                    retain=CHANNEL_RETAIN[channel], timeout=_PUBLISH_TIMEOUT_S,
+                )
+        except aiomqtt.MqttError as exc:
+            log.warning(
+                "publish failed, queued for reconnect",
+                extra={"boot": self.key, "channel": channel.value, "error": str(exc)},
+            )
+            self._outbox.append((channel, payload))
+
+    async def _flush_outbox(self) -> None:
+        """Send what queued up while offline, in order; failures go back to the outbox."""
+        pending = list(self._outbox)
+        self._outbox.clear()
+        for channel, payload in pending:
+            await self._send(channel, payload)
