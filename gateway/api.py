@@ -10,12 +10,14 @@ import secrets
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from gateway.commands import TrackedCommand
 from gateway.contract import ID_PATTERN, SessionProgram
 from gateway.fleet import Boot
+from gateway.mqtt_link import NotConnected
 from gateway.programs import CATALOGUE
 from gateway.service import Gateway, UnknownBoot
 from gateway.settings import Intensity
@@ -258,6 +260,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     )
     app.state.gateway = gateway
     app.include_router(router)
+
+    @app.exception_handler(NotConnected)
+    async def _no_broker(request: Request, exc: NotConnected) -> JSONResponse:
+        return JSONResponse({"detail": "the gateway is not connected to the broker; retry"},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
     @app.get("/health", response_model=Health, tags=["ops"])
     def health() -> Health:

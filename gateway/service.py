@@ -409,8 +409,12 @@ class Gateway:
         assert cmd.session_id is not None
         boot.session = Session(cmd.session_id, program, cmd.cmd_id, now)
         tracked = self._track(boot, cmd)
-        await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
-                                qos=CHANNEL_QOS[Channel.CMD], expiry_s=expiry)
+        try:
+            await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
+                                    qos=CHANNEL_QOS[Channel.CMD], expiry_s=expiry)
+        except Exception:
+            boot.session = None
+            raise
         log.info("session start sent", extra={"device": boot.key, "program": program.name,
                                               "session_id": cmd.session_id, "cmd_id": cmd.cmd_id})
         outcome = CommandOutcome.SENT

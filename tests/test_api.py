@@ -1,0 +1,65 @@
+"""The HTTP API's contract without servers: OpenAPI, access control, validation."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from gateway.api import create_app
+from gateway.commands import CommandTracker
+from gateway.contract import BootState
+from gateway.service import Gateway
+from gateway.settings import ApiSettings, GatewaySettings
+
+
+def client(token: str | None = None) -> TestClient:
+    settings = GatewaySettings(api=ApiSettings(token=SecretStr(token) if token else None))
+    return TestClient(create_app(Gateway(settings)))
+
+
+def test_openapi_lists_the_control_routes() -> None:
+    spec = client().get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/api/v1/boots", "/api/v1/boots/{clinic}/{device}/session",
+                 "/api/v1/boots/{clinic}/{device}/stop", "/api/v1/boots/{clinic}/{device}/vent",
+                 "/api/v1/programs", "/health"):
+        assert path in paths, path
+    responses = paths["/api/v1/boots/{clinic}/{device}/session"]["post"]["responses"]
+    assert {"202", "409", "502"} <= set(responses)
+
+
+def test_token_guards_the_api_but_not_health() -> None:
+    c = client("s3cret")
+    assert c.get("/api/v1/boots").status_code == 401
+    assert c.get("/api/v1/boots", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = c.get("/api/v1/boots", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json() == []
+    health = c.get("/health")
+    assert health.status_code == 200 and health.json()["mqtt_connected"] is False
+    assert health.json()["status"] == "degraded"
+
+
+def test_unknown_boot_and_bad_requests() -> None:
+    c = client()
+    assert c.get("/api/v1/boots/c1/nope").status_code == 404
+    r = c.post("/api/v1/boots/c1/nope/session", json={"program": "post_workout_recovery"})
+    assert r.status_code == 404 and "no boot c1/nope" in r.text
+    assert c.post("/api/v1/boots/c1/b1/session", json={"custom": {"name": "x"}}).status_code == 422
+    programs = c.get("/api/v1/programs").json()
+    assert [p["key"] for p in programs] == [
+        "post_workout_recovery", "doms_24_48h", "rest_day_reset", "before_mobility",
+        "office_travel"]
+
+
+def test_commands_without_a_broker_answer_503() -> None:
+    gw = Gateway(GatewaySettings())
+    gw.fleet.upsert_state("c1", "b1", BootState(
+        online=True, firmware="f", chambers=1, zones=["calf"], max_pressure_mmhg=120,
+        telemetry_period_s=0.5, ts=0), now=0, clinic_ceiling=100)
+    with TestClient(create_app(gw)) as c:
+        gw.commands = CommandTracker(5, lambda t: None, time.monotonic)
+        r = c.post("/api/v1/boots/c1/b1/stop")
+        assert r.status_code == 503 and "not connected" in r.text
+        assert gw.fleet.boots["c1/b1"].session is None
