@@ -54,8 +54,9 @@ class SessionView(BaseModel):
     status: str
     started_at: float | None
     elapsed_s: float | None
-    planned_s: float
-    targets_mmhg: list[float]
+    planned_s: float | None
+    targets_mmhg: list[float] | None
+    resumed: bool
 
 
 class BootView(BaseModel):
@@ -122,10 +123,12 @@ def _boot_view(gw: Gateway, boot: Boot) -> BootView:
     if boot.session is not None:
         s = boot.session
         session = SessionView(
-            session_id=s.session_id, program=s.program.name, status=s.status.value,
+            session_id=s.session_id, program=s.program_name, status=s.status.value,
             started_at=s.started_at,
             elapsed_s=round(gw.clock() - s.started_at, 1) if s.started_at else None,
-            planned_s=s.program.duration_s, targets_mmhg=list(s.program.targets_mmhg),
+            planned_s=s.program.duration_s if s.program else None,
+            targets_mmhg=list(s.program.targets_mmhg) if s.program else None,
+            resumed=s.resumed,
         )
     t = boot.last_telemetry
     return BootView(

@@ -104,24 +104,6 @@ class _Msg(BaseModel):
 # ---------------------------------------------------------------- boot -> gateway
 
 
-class BootState(_Msg):
-    """Retained on `.../state`; the same payload with online=false is the boot's LWT."""
-
-    online: bool
-    firmware: str = Field(max_length=64)
-    chambers: int = Field(ge=1, le=MAX_CHAMBERS)
-    zones: list[str] = Field(description="zone of each chamber, distal to proximal")
-    max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False)
-    telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False)
-    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _zones_match(self) -> BootState:
-        if len(self.zones) != self.chambers:
-            raise ValueError(f"zones has {len(self.zones)} entries for {self.chambers} chambers")
-        return self
-
-
 class Phase(StrEnum):
     IDLE = "idle"
     INFLATE = "inflate"
@@ -132,11 +114,16 @@ class Phase(StrEnum):
 
 
 class Telemetry(_Msg):
+    """Pressures are taken as the boot sent them, NaN included: judging them is rule 6's job."""
+
     seq: int = Field(ge=0, lt=2**63)
     ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    session_elapsed_s: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="time into the running session"
+    )
     phase: Phase
-    pressures: list[Pressure] = Field(min_length=1, max_length=MAX_CHAMBERS)
+    pressures: list[float] = Field(min_length=1, max_length=MAX_CHAMBERS)
 
 
 class EventKind(StrEnum):
@@ -211,6 +198,39 @@ class SessionProgram(BaseModel):
         return n * self.timing.inflate_s + self.timing.hold_s
 
 
+class ActiveSession(BaseModel):
+    """The session a boot is running, in its retained state so a restarted gateway resumes it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str = Field(pattern=ID_PATTERN)
+    cmd_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    program: SessionProgram
+    started_at: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
+
+
+class BootState(_Msg):
+    """Retained on `.../state`; the same payload with online=false is the boot's LWT.
+
+    The boot republishes it when a session starts or ends, with `session` set while one runs.
+    """
+
+    online: bool
+    firmware: str = Field(max_length=64)
+    chambers: int = Field(ge=1, le=MAX_CHAMBERS)
+    zones: list[str] = Field(description="zone of each chamber, distal to proximal")
+    max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False)
+    telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False)
+    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
+    session: ActiveSession | None = None
+
+    @model_validator(mode="after")
+    def _zones_match(self) -> BootState:
+        if len(self.zones) != self.chambers:
+            raise ValueError(f"zones has {len(self.zones)} entries for {self.chambers} chambers")
+        return self
+
+
 class CommandKind(StrEnum):
     START = "start"
     STOP = "stop"
@@ -241,6 +261,45 @@ class Heartbeat(_Msg):
     interval_s: float
 
 
+class Severity(StrEnum):
+    """Alarm priorities after IEC 60601-1-8."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+class AlarmState(StrEnum):
+    """Alarms latch: an alarm is cleared only once it is acknowledged and its cause is over."""
+
+    ACTIVE = "active"  # not yet acknowledged
+    ACKNOWLEDGED = "acknowledged"  # seen by someone; the cause may still be there
+    CLEARED = "cleared"  # acknowledged and resolved
+
+
+class Alarm(_Msg):
+    """Published (QoS 1) on `boots/v1/_gateway/alarm/{clinic}/{device}` at every state change."""
+
+    alarm_id: str = Field(pattern=ID_PATTERN)
+    clinic: str = Field(pattern=ID_PATTERN)
+    device: str = Field(pattern=ID_PATTERN)
+    rule: str
+    severity: Severity
+    state: AlarmState
+    detail: str = Field(max_length=500)
+    raised_at: float
+    updated_at: float
+    session_id: str | None = None
+    resolved: bool = Field(False, description="the cause is over (e.g. the vent was confirmed)")
+    acked_by: str | None = Field(default=None, max_length=80)
+
+
+def alarm_topic(clinic: str, device: str) -> str:
+    if not (is_valid_id(clinic) and is_valid_id(device)):
+        raise ValueError(f"invalid clinic or device id: {clinic!r}/{device!r}")
+    return f"{ALARM_TOPIC_PREFIX}/{clinic}/{device}"
+
+
 # ---------------------------------------------------------------- decoding
 
 PAYLOAD_MODELS: dict[Channel, type[_Msg]] = {
@@ -260,16 +319,12 @@ class PayloadError(ValueError):
         self.kind = kind
 
 
-def _reject_constant(value: str) -> float:
-    raise ValueError(f"{value} is not a number")
-
-
 def decode(channel: Channel, payload: bytes, max_bytes: int) -> _Msg:
     """Decode and validate one payload; raises PayloadError with a reason fit for a log line."""
     if len(payload) > max_bytes:
         raise PayloadError("too_large", f"payload of {len(payload)} bytes exceeds {max_bytes}")
     try:
-        data = json.loads(payload, parse_constant=_reject_constant)
+        data = json.loads(payload)  # NaN/Infinity parse; the models say where they may stand
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError("not_json", f"not JSON: {str(exc)[:120]}") from None
     try:

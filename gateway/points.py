@@ -6,17 +6,32 @@ Tags are validated ids or closed vocabularies (low cardinality); free text goes 
 
 from __future__ import annotations
 
+import math
+
 from gateway.commands import TrackedCommand
-from gateway.contract import BootEvent, Telemetry, TopicAddress
+from gateway.contract import Alarm, BootEvent, Telemetry, TopicAddress
 from gateway.fleet import Boot, Session
 from gateway.lineprotocol import FieldValue, Point
-from gateway.watchdog import SafetyAction
+from gateway.watchdog import RULE_NUMBER, SafetyAction, VentConfirmed
 
 
 def telemetry(addr: TopicAddress, sample: Telemetry) -> Point:
-    """Stamped with the boot's own time, so a replayed sample overwrites itself."""
-    fields: dict[str, FieldValue] = {f"p{i}": float(p) for i, p in enumerate(sample.pressures, 1)}
-    fields["max_p"] = float(max(sample.pressures))
+    """Stamped with the boot's own time, so a replayed sample overwrites itself.
+
+    Non-finite readings cannot be stored as floats: they are kept as text in `bad_values`.
+    """
+    fields: dict[str, FieldValue] = {}
+    bad = []
+    for i, p in enumerate(sample.pressures, 1):
+        if math.isfinite(p):
+            fields[f"p{i}"] = float(p)
+        else:
+            bad.append(f"p{i}={p}")
+    finite = [p for p in sample.pressures if math.isfinite(p)]
+    if finite:
+        fields["max_p"] = float(max(finite))
+    if bad:
+        fields["bad_values"] = ",".join(bad)
     fields["seq"] = sample.seq
     if sample.session_id:
         fields["session_id"] = sample.session_id
@@ -29,10 +44,7 @@ def telemetry(addr: TopicAddress, sample: Telemetry) -> Point:
 
 
 def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, now_ms: int) -> Point:
-    fields: dict[str, FieldValue] = {
-        "action": "vent" if action.vent else ("alarm" if action.alarm else "record"),
-        "detail": action.detail,
-    }
+    fields: dict[str, FieldValue] = {"action": action.action, "detail": action.detail}
     if action.chamber is not None:
         fields["chamber"] = action.chamber
     if action.value is not None:
@@ -44,7 +56,7 @@ def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, now_m
     return Point(
         "safety_event",
         {"clinic": boot.clinic, "device": boot.device, "rule": action.rule.value,
-         "severity": action.severity.value},
+         "severity": action.severity.value, "rule_no": str(RULE_NUMBER[action.rule])},
         fields,
         now_ms,
     )
@@ -73,13 +85,14 @@ def session(
 ) -> Point:
     fields: dict[str, FieldValue] = {
         "session_id": sess.session_id,
-        "planned_s": float(sess.program.duration_s),
     }
+    if sess.program is not None:
+        fields["planned_s"] = float(sess.program.duration_s)
     if ended_at is not None and sess.started_at is not None:
         fields["duration_s"] = round(ended_at - sess.started_at, 3)
     return Point(
         "session",
-        {"clinic": boot.clinic, "device": boot.device, "program": sess.program.name,
+        {"clinic": boot.clinic, "device": boot.device, "program": sess.program_name,
          "outcome": outcome},
         fields,
         now_ms,
@@ -109,3 +122,28 @@ def boot_event(addr: TopicAddress, event: BootEvent, now_ms: int) -> Point:
 def device_fault(addr: TopicAddress, kind: str, reason: str, now_ms: int) -> Point:
     return Point("device_fault", {"clinic": addr.clinic, "device": addr.device, "kind": kind},
                  {"reason": reason[:500]}, now_ms)
+
+
+def vent_confirmed(boot: Boot, confirmed: VentConfirmed, now_ms: int) -> Point:
+    """How long the boot took to be safe after the first vent of the episode."""
+    fields: dict[str, FieldValue] = {"resends": confirmed.resends}
+    if confirmed.after_s is not None:
+        fields["after_s"] = round(confirmed.after_s, 3)
+    return Point("vent_confirmed", {"clinic": boot.clinic, "device": boot.device}, fields, now_ms)
+
+
+def alarm(a: Alarm) -> Point:
+    """One point per state change of an alarm; the latest per alarm_id is its state."""
+    fields: dict[str, FieldValue] = {"alarm_id": a.alarm_id, "detail": a.detail,
+                                     "resolved": a.resolved, "raised_at": a.raised_at}
+    if a.acked_by:
+        fields["acked_by"] = a.acked_by
+    if a.session_id:
+        fields["session_id"] = a.session_id
+    return Point(
+        "alarm",
+        {"clinic": a.clinic, "device": a.device, "rule": a.rule, "severity": a.severity.value,
+         "state": a.state.value},
+        fields,
+        int(a.updated_at * 1000),
+    )

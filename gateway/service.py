@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import points
+from gateway.alarms import VENT_RESOLVED, AlarmBook
 from gateway.commands import CommandOutcome, CommandTracker, TrackedCommand, new_id
 from gateway.contract import (
     CHANNEL_QOS,
@@ -22,6 +23,7 @@ from gateway.contract import (
     TOPIC_ROOT,
     Ack,
     AckStatus,
+    Alarm,
     BootEvent,
     BootState,
     Channel,
@@ -34,6 +36,7 @@ from gateway.contract import (
     Telemetry,
     TopicAddress,
     TopicError,
+    alarm_topic,
     decode,
     parse_topic,
     topic,
@@ -43,7 +46,7 @@ from gateway.mqtt_link import MqttLink, subscribe_options
 from gateway.programs import BootLimits, check_program
 from gateway.settings import GatewaySettings
 from gateway.storage import InfluxWriter
-from gateway.watchdog import SafetyAction, Watchdog
+from gateway.watchdog import Outcome, Rule, VentConfirmed, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class IngestStats:
     rejected: Counter[str] = field(default_factory=Counter)
     vents_sent: int = 0
     safety_events: int = 0
+    vents_confirmed: int = 0
+    sessions_resumed: int = 0
 
 
 class RateLimitedLog:
@@ -119,6 +124,7 @@ class Gateway:
             self.handle_message,
         )
         self.commands: CommandTracker | None = None
+        self.alarms = AlarmBook()
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
         self.ready = asyncio.Event()
 
@@ -224,14 +230,42 @@ class Gateway:
 
     def _on_state(self, addr: TopicAddress, state: BootState) -> None:
         ceiling = self.settings.programs.ceiling_for(addr.clinic)
-        before = self.fleet.get(addr.clinic, addr.device)
-        was_online = before.online if before else None
+        known = addr.key in self.fleet.boots
         boot = self.fleet.upsert_state(addr.clinic, addr.device, state, self.clock(), ceiling)
-        if was_online != state.online:
+        if known and boot.online != state.online:
             log.info("boot online" if state.online else "boot offline", extra={
                 "device": boot.key, "firmware": state.firmware, "chambers": state.chambers,
                 "in_session": boot.session is not None})
+            if state.online:
+                self.watchdog.on_online(boot.watch)
+                self._resolve(boot, frozenset({Rule.OFFLINE_IN_SESSION}))
+            else:
+                self._apply(boot, self.watchdog.on_offline(boot.watch, self.monotonic()))
+        elif not known:
+            log.info("boot discovered", extra={
+                "device": boot.key, "online": state.online, "firmware": state.firmware,
+                "chambers": state.chambers})
+        if state.session is not None and boot.session is None:
+            self._resume(boot, state.session.session_id)
         self.writer.submit(points.boot_state(boot, self._now_ms()))
+
+    def _resume(self, boot: Boot, session_id: str, elapsed_s: float | None = None) -> None:
+        """Pick up a session started before this gateway ran (restart) and watch it again."""
+        if session_id in boot.ended_sessions:
+            return  # late telemetry of a session that ended here
+        active = boot.state.session
+        program = active.program if active and active.session_id == session_id else None
+        if elapsed_s is None and active is not None and program is not None:
+            elapsed_s = max(0.0, self.clock() - active.started_at)
+        now = self.clock()
+        boot.session = Session(session_id, program, active.cmd_id if program and active else None,
+                               now, SessionStatus.RUNNING, now - (elapsed_s or 0.0), resumed=True)
+        self.watchdog.start_session(boot.watch, session_id, program, self.monotonic(),
+                                    elapsed_s or 0.0)
+        self.stats.sessions_resumed += 1
+        log.warning("session resumed", extra={
+            "device": boot.key, "session_id": session_id,
+            "program": program.name if program else None, "elapsed_s": elapsed_s})
 
     def _forget(self, addr: TopicAddress) -> None:
         boot = self.fleet.boots.get(addr.key)
@@ -254,12 +288,10 @@ class Gateway:
                                      device=addr.key)
             self.writer.submit(points.telemetry(addr, sample))
             return
-        if len(sample.pressures) != boot.state.chambers:
-            self._reject(addr, "chamber_count", f"{len(sample.pressures)} pressures for a boot "
-                         f"with {boot.state.chambers} chambers")
-            return
         boot.last_seen = self.clock()
         boot.last_telemetry = sample
+        if sample.session_id is not None and boot.session is None:
+            self._resume(boot, sample.session_id, sample.session_elapsed_s)
         actions = self.watchdog.on_telemetry(boot.watch, sample, self.monotonic())
         if actions:
             self._apply(boot, actions)
@@ -314,10 +346,10 @@ class Gateway:
             return
         session.status = SessionStatus.RUNNING
         session.started_at = self.clock()
-        boot.watch.start_session(session.session_id, session.program.targets_mmhg,
-                                 self.monotonic())
+        self.watchdog.start_session(boot.watch, session.session_id, session.program,
+                                    self.monotonic())
         log.info("session running", extra={"device": boot.key, "session_id": session.session_id,
-                                           "program": session.program.name})
+                                           "program": session.program_name})
         self.writer.submit(points.session(boot, session, "started", self._now_ms()))
 
     def _end_session(self, boot: Boot, outcome: SessionOutcome) -> None:
@@ -326,36 +358,85 @@ class Gateway:
             return
         boot.session = None
         boot.last_outcome = outcome
+        boot.ended_sessions.append(session.session_id)
         boot.watch.end_session()
         log.info("session ended", extra={"device": boot.key, "session_id": session.session_id,
                                          "outcome": outcome.value})
         self.writer.submit(points.session(boot, session, outcome.value, self._now_ms(),
                                           ended_at=self.clock()))
 
-    def _apply(self, boot: Boot, actions: list[SafetyAction]) -> None:
-        """Carry out watchdog actions: the vent goes out before anything is stored."""
+    def _apply(self, boot: Boot, actions: list[Outcome]) -> None:
+        """Carry out watchdog actions: the vent goes out before anything else happens."""
         for action in actions:
+            if isinstance(action, VentConfirmed):
+                self._vent_confirmed(boot, action)
+                continue
             if action.vent:
+                if action.stop:
+                    self._send(boot, CommandKind.STOP, reason=action.detail)
                 self._send_vent(boot, f"{action.rule.value}: {action.detail}")
-            self.stats.safety_events += 1
             session_id = boot.session.session_id if boot.session else boot.watch.session_id
-            log.warning("safety event", extra={
-                "device": boot.key, "rule": action.rule.value, "severity": action.severity.value,
-                "vent": action.vent, "chamber": action.chamber, "value": action.value,
-                "limit": action.limit, "detail": action.detail})
-            self.writer.submit(points.safety_event(boot, action, session_id, self._now_ms()))
+            now_ms = self._now_ms()
+            if action.fault:
+                boot.faults += 1
+                self.stats.rejected[action.rule.value] += 1
+                self._reject_log.warning(
+                    f"{boot.key}:{action.rule.value}", "implausible data from boot",
+                    device=boot.key, kind=action.rule.value, reason=action.detail)
+                self.writer.submit(points.device_fault(
+                    TopicAddress(boot.clinic, boot.device, Channel.TELEMETRY),
+                    action.rule.value, action.detail, now_ms))
+            if action.record:
+                self.stats.safety_events += 1
+                log.warning("safety event", extra={
+                    "device": boot.key, "rule": action.rule.value,
+                    "severity": action.severity.value, "action": action.action,
+                    "chamber": action.chamber, "value": action.value, "limit": action.limit,
+                    "detail": action.detail, "session_id": session_id})
+                self.writer.submit(points.safety_event(boot, action, session_id, now_ms))
+            if action.alarm:
+                self._publish_alarm(self.alarms.raise_alarm(
+                    boot.clinic, boot.device, action, session_id, self.clock()))
             if action.vent:
                 self._end_session(boot, SessionOutcome.VENTED)
 
+    def _vent_confirmed(self, boot: Boot, confirmed: VentConfirmed) -> None:
+        self.stats.vents_confirmed += 1
+        log.info("vent confirmed", extra={
+            "device": boot.key, "after_s": confirmed.after_s, "resends": confirmed.resends})
+        self.writer.submit(points.vent_confirmed(boot, confirmed, self._now_ms()))
+        self._resolve(boot, VENT_RESOLVED)
+
+    def _resolve(self, boot: Boot, rules: frozenset[Rule]) -> None:
+        for alarm in self.alarms.resolve(boot.clinic, boot.device, rules, self.clock()):
+            self._publish_alarm(alarm)
+
+    def _publish_alarm(self, alarm: Alarm) -> None:
+        self.link.publish_nowait(alarm_topic(alarm.clinic, alarm.device), alarm.to_payload(),
+                                 qos=1)
+        self.writer.submit(points.alarm(alarm))
+
+    def acknowledge_alarm(self, alarm_id: str, by: str) -> Alarm:
+        alarm = self.alarms.acknowledge(alarm_id, by, self.clock())
+        log.info("alarm acknowledged", extra={"alarm_id": alarm_id, "by": by,
+                                              "state": alarm.state.value})
+        self._publish_alarm(alarm)
+        return alarm
+
     def _send_vent(self, boot: Boot, reason: str) -> TrackedCommand:
-        cmd = Command(cmd_id=new_id("v"), kind=CommandKind.VENT, issued_at=self.clock(),
-                      reason=reason[:500])
-        # Vent never expires: a late vent is still a vent.
+        # A vent never expires (a late vent is still a vent) and is sent before it is tracked.
+        tracked = self._send(boot, CommandKind.VENT, reason=reason)
+        boot.vents += 1
+        self.stats.vents_sent += 1
+        return tracked
+
+    def _send(self, boot: Boot, kind: CommandKind, reason: str | None = None) -> TrackedCommand:
+        """Publish a command without waiting for the broker (safety path)."""
+        session_id = boot.session.session_id if boot.session else None
+        cmd = Command(cmd_id=new_id(kind.value[0]), kind=kind, issued_at=self.clock(),
+                      session_id=session_id, reason=reason[:500] if reason else None)
         self.link.publish_nowait(topic(boot.clinic, boot.device, Channel.CMD), cmd.to_payload(),
                                  qos=CHANNEL_QOS[Channel.CMD])
-        boot.vents += 1
-        boot.watch.venting = True
-        self.stats.vents_sent += 1
         return self._track(boot, cmd)
 
     def _track(self, boot: Boot, cmd: Command) -> TrackedCommand:
@@ -401,6 +482,7 @@ class Gateway:
         if reasons:
             log.info("session refused", extra={"device": boot.key, "program": program.name,
                                                "reasons": reasons})
+            self._apply(boot, [self.watchdog.program_refused(reasons)])
             return StartResult(False, reasons)
         now = self.clock()
         expiry = self.settings.programs.start_expiry_s
@@ -440,6 +522,7 @@ class Gateway:
         boot = self.boot(clinic, device)
         log.warning("manual vent", extra={"device": boot.key, "reason": reason})
         tracked = self._send_vent(boot, f"manual: {reason}")
+        self.watchdog.vent_sent(boot.watch, self.monotonic())
         self._end_session(boot, SessionOutcome.VENTED)
         if wait:
             await tracked.first_ack

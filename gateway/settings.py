@@ -68,10 +68,38 @@ class WatchdogSettings(BaseModel):
     telemetry_loss_floor_s: float = Field(
         3.0, gt=0, le=60, description="rule 5: silence limit never shorter than this"
     )
-    safe_level_mmhg: float = Field(
-        10.0, ge=0, le=40, description="a vented chamber counts as safe below this pressure"
+    inflated_level_mmhg: float = Field(
+        20.0, gt=0, le=60, description="rule 3: a chamber above this counts as inflated"
     )
-    tick_interval_s: float = Field(0.2, gt=0, le=5, description="how often silence is checked")
+    sustained_inflation_grace_s: float = Field(
+        5.0, ge=0, le=60, description="rule 3: allowed beyond the program's longest inflation"
+    )
+    max_inflation_s: float = Field(
+        120.0, gt=0, le=600, description="rule 3: longest continuous inflation in any case, "
+        "also outside a session"
+    )
+    overrun_grace_s: float = Field(
+        30.0, ge=0, le=600, description="rule 4: allowed beyond the program's duration"
+    )
+    plausible_min_mmhg: float = Field(
+        -10.0, ge=-20, le=0, description="rule 6: readings below this are implausible"
+    )
+    plausible_max_mmhg: float = Field(
+        250.0, gt=0, le=300, description="rule 6: readings above this are implausible"
+    )
+    safe_level_mmhg: float = Field(
+        10.0, ge=0, le=40, description="rule 8: a vented chamber counts as safe below this"
+    )
+    vent_confirm_deadline_s: float = Field(
+        5.0, gt=0, le=60, description="rule 8: every chamber below the safe level by then, "
+        "or the vent is re-sent and a high-priority alarm raised"
+    )
+    vent_resend_max: int = Field(
+        10, ge=1, le=1000, description="rule 8: re-sends per episode before only alarming"
+    )
+    tick_interval_s: float = Field(
+        0.1, gt=0, le=5, description="how often time-based rules (4, 5, 8) are evaluated"
+    )
 
 
 class Intensity(StrEnum):

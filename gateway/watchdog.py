@@ -3,33 +3,41 @@
 No I/O and no clock of its own: the caller passes `now` (monotonic seconds) so every rule can
 be tested exhaustively. The caller carries out the actions (vent first, then storage).
 
-One vent per episode: once a vent is decided the boot is `venting` and no rule vents it again
-until every chamber is back below the safe level (re-sending an unconfirmed vent is the job of
-the vent-confirmation rule, not of a repeated trigger).
+One vent per episode: once a vent is decided the boot is `venting`, and no rule vents it again
+until every chamber is back below the safe level; until then rule 8 (vent not confirmed)
+re-sends the vent at its deadline and raises a high-priority alarm.
+
+Samples are ordered by `seq`: a duplicate or late (reordered) sample is checked for the
+instantaneous hazards (rules 1 and 6) but does not advance the per-sample counters of rule 2.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from gateway.contract import BootEvent, EventKind, Telemetry
+from gateway.contract import BootEvent, EventKind, SessionProgram, Severity, Telemetry
 from gateway.settings import WatchdogSettings
+
+# A seq this far below the last one is a restarted boot, not a late sample.
+SEQ_RESET_WINDOW = 1000
 
 
 class Rule(StrEnum):
-    HARD_CEILING = "hard_ceiling"  # rule 1
-    OVER_TARGET = "over_target"  # rule 2
-    TELEMETRY_LOSS = "telemetry_loss"  # rule 5
-    USER_STOP = "user_stop"  # rule 10
+    HARD_CEILING = "hard_ceiling"  # 1
+    OVER_TARGET = "over_target"  # 2
+    SUSTAINED_INFLATION = "sustained_inflation"  # 3
+    SESSION_OVERRUN = "session_overrun"  # 4
+    TELEMETRY_LOSS = "telemetry_loss"  # 5
+    IMPLAUSIBLE_DATA = "implausible_data"  # 6
+    OFFLINE_IN_SESSION = "offline_in_session"  # 7
+    VENT_NOT_CONFIRMED = "vent_not_confirmed"  # 8
+    PROGRAM_REFUSED = "program_refused"  # 9
+    USER_STOP = "user_stop"  # 10
 
 
-class Severity(StrEnum):
-    """Alarm priorities after IEC 60601-1-8."""
-
-    HIGH = "high"
-    MEDIUM = "medium"
-    LOW = "low"
+RULE_NUMBER = {rule: n for n, rule in enumerate(Rule, start=1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +50,26 @@ class SafetyAction:
     chamber: int | None = None  # 1-based, distal to proximal
     value: float | None = None
     limit: float | None = None
+    stop: bool = False  # send a stop before the vent (rule 4)
+    fault: bool = False  # the boot's data is at fault (rule 6)
+    record: bool = True  # store as a safety event (False: a repeat inside the same episode)
+
+    @property
+    def action(self) -> str:
+        if self.vent:
+            return "stop+vent" if self.stop else "vent"
+        return "refuse" if self.rule is Rule.PROGRAM_REFUSED else "alarm"
+
+
+@dataclass(frozen=True, slots=True)
+class VentConfirmed:
+    """Every chamber is below the safe level again: the episode is over."""
+
+    after_s: float | None
+    resends: int
+
+
+Outcome = SafetyAction | VentConfirmed
 
 
 @dataclass(slots=True)
@@ -52,34 +80,48 @@ class BootWatch:
     device_max_mmhg: float
     clinic_ceiling_mmhg: float
     telemetry_period_s: float
-    targets_mmhg: list[float] | None = None  # set while a session runs
+    online: bool = True
+    # the running session (None when idle)
     session_id: str | None = None
+    targets_mmhg: list[float] | None = None
+    session_started_at: float | None = None
+    session_duration_s: float | None = None
+    inflation_limit_s: float | None = None
+    overrun_reported: bool = False
+    # samples
     last_sample_at: float | None = None
+    last_seq: int | None = None
     over_target_run: list[int] = field(default_factory=list)
-    venting: bool = False
+    inflated_since: list[float | None] = field(default_factory=list)
     silence_reported: bool = False
+    # the vent episode
+    venting: bool = False
+    vent_sent_at: float | None = None
+    vent_first_sent_at: float | None = None
+    vent_resends: int = 0
 
-    def start_session(self, session_id: str, targets: list[float], now: float) -> None:
-        self.session_id = session_id
-        self.targets_mmhg = list(targets)
-        self.over_target_run = [0] * len(targets)
-        self.silence_reported = False
-        # A session starts the silence clock even if no sample has arrived yet.
-        self.last_sample_at = now if self.last_sample_at is None else self.last_sample_at
+    def __post_init__(self) -> None:
+        self.over_target_run = [0] * self.chambers
+        self.inflated_since = [None] * self.chambers
+
+    @property
+    def in_session(self) -> bool:
+        return self.session_id is not None
 
     def end_session(self) -> None:
         self.session_id = None
         self.targets_mmhg = None
-        self.over_target_run = []
-
-    @property
-    def in_session(self) -> bool:
-        return self.targets_mmhg is not None
+        self.session_started_at = None
+        self.session_duration_s = None
+        self.inflation_limit_s = None
+        self.over_target_run = [0] * self.chambers
 
 
 class Watchdog:
     def __init__(self, limits: WatchdogSettings) -> None:
         self.limits = limits
+
+    # ------------------------------------------------------------------ limits
 
     def ceiling(self, watch: BootWatch) -> float:
         return min(self.limits.hard_ceiling_mmhg, watch.device_max_mmhg, watch.clinic_ceiling_mmhg)
@@ -90,81 +132,243 @@ class Watchdog:
             self.limits.telemetry_loss_periods * watch.telemetry_period_s,
         )
 
-    def on_telemetry(self, watch: BootWatch, sample: Telemetry, now: float) -> list[SafetyAction]:
-        """Rules 1 and 2. The sample's chamber count must already match the boot's."""
+    def inflation_limit(self, program: SessionProgram | None) -> float:
+        """Rule 3: the program's longest inflation plus grace, never above the absolute cap."""
+        if program is None:
+            return self.limits.max_inflation_s
+        longest = program.max_inflation_s or program.longest_inflation_s()
+        return min(self.limits.max_inflation_s, longest + self.limits.sustained_inflation_grace_s)
+
+    # ------------------------------------------------------------------ session bookkeeping
+
+    def start_session(
+        self, watch: BootWatch, session_id: str, program: SessionProgram | None, now: float,
+        elapsed_s: float = 0.0,
+    ) -> None:
+        """Program None: a session resumed from telemetry alone (rules 2 and 4 cannot apply)."""
+        watch.session_id = session_id
+        watch.targets_mmhg = list(program.targets_mmhg) if program else None
+        watch.session_started_at = now - elapsed_s
+        watch.session_duration_s = program.duration_s if program else None
+        watch.inflation_limit_s = self.inflation_limit(program)
+        watch.overrun_reported = False
+        watch.over_target_run = [0] * watch.chambers
+        watch.silence_reported = False
+        if watch.last_sample_at is None or watch.last_sample_at < now - self.silence_limit(watch):
+            watch.last_sample_at = now  # the silence clock starts with the session
+
+    def vent_sent(self, watch: BootWatch, now: float) -> None:
+        """A vent went out (by a rule or by hand): the confirmation deadline runs from now."""
+        watch.venting = True
+        watch.vent_sent_at = now
+        if watch.vent_first_sent_at is None:
+            watch.vent_first_sent_at = now
+
+    # ------------------------------------------------------------------ rules on samples
+
+    def on_telemetry(self, watch: BootWatch, sample: Telemetry, now: float) -> list[Outcome]:
+        """Rules 6, 1, 2, 3, and the end of a vent episode."""
+        fresh = self._is_fresh(watch, sample.seq)
         watch.last_sample_at = now
         watch.silence_reported = False
         pressures = sample.pressures
+
+        bad = self._implausible(watch, pressures)
+        if bad is not None:
+            if watch.venting:  # same episode: a fault to record, not a new vent
+                return [replace(bad, vent=False, alarm=False, record=False)]
+            return [self._vent(watch, now, bad)]
+
         if watch.venting:
-            if max(pressures) < self.limits.safe_level_mmhg:
-                watch.venting = False
-                watch.over_target_run = [0] * len(watch.over_target_run)
+            if fresh and max(pressures) < self.limits.safe_level_mmhg:
+                return [self._confirmed(watch, now)]
             return []
 
         ceiling = self.ceiling(watch)
         worst = max(range(len(pressures)), key=pressures.__getitem__)
         if pressures[worst] > ceiling:
-            return [self._vent(
-                watch, Rule.HARD_CEILING, worst, pressures[worst], ceiling,
-                f"chamber {worst + 1} at {pressures[worst]:.1f} mmHg above the ceiling "
+            return [self._vent(watch, now, SafetyAction(
+                rule=Rule.HARD_CEILING, severity=Severity.HIGH, vent=True, alarm=True,
+                chamber=worst + 1, value=pressures[worst], limit=ceiling,
+                detail=f"chamber {worst + 1} at {pressures[worst]:.1f} mmHg above the ceiling "
                 f"of {ceiling:g} mmHg",
-            )]
+            ))]
+        if not fresh:
+            return []
+        return self._over_target(watch, pressures, now) or self._sustained(watch, pressures, now)
 
-        if watch.targets_mmhg is None:
+    def _is_fresh(self, watch: BootWatch, seq: int) -> bool:
+        last = watch.last_seq
+        if last is None or seq > last or last - seq > SEQ_RESET_WINDOW:
+            watch.last_seq = seq
+            return True
+        return False
+
+    def _implausible(self, watch: BootWatch, pressures: list[float]) -> SafetyAction | None:
+        lo, hi = self.limits.plausible_min_mmhg, self.limits.plausible_max_mmhg
+        if len(pressures) != watch.chambers:
+            return SafetyAction(
+                rule=Rule.IMPLAUSIBLE_DATA, severity=Severity.HIGH, vent=True, alarm=True,
+                fault=True, value=float(len(pressures)), limit=float(watch.chambers),
+                detail=f"{len(pressures)} pressures for a boot with {watch.chambers} chambers",
+            )
+        for i, p in enumerate(pressures):
+            if not math.isfinite(p) or p < lo or p > hi:
+                return SafetyAction(
+                    rule=Rule.IMPLAUSIBLE_DATA, severity=Severity.HIGH, vent=True, alarm=True,
+                    fault=True, chamber=i + 1, value=p if math.isfinite(p) else None,
+                    limit=lo if math.isfinite(p) and p < lo else hi,
+                    detail=f"chamber {i + 1} reads {p} mmHg, outside the plausible "
+                    f"{lo:g}..{hi:g} mmHg",
+                )
+        return None
+
+    def _over_target(self, watch: BootWatch, pressures: list[float], now: float
+                     ) -> list[Outcome]:
+        targets = watch.targets_mmhg
+        if targets is None:
             return []
         tol = self.limits.over_target_tolerance_mmhg
         tripped: int | None = None
-        for i, (p, target) in enumerate(zip(pressures, watch.targets_mmhg, strict=True)):
+        for i, (p, target) in enumerate(zip(pressures, targets, strict=True)):
             if p > target + tol:
                 watch.over_target_run[i] += 1
                 if watch.over_target_run[i] >= self.limits.over_target_samples and (
-                    tripped is None or p - target > pressures[tripped] - watch.targets_mmhg[tripped]
+                    tripped is None or p - target > pressures[tripped] - targets[tripped]
                 ):
                     tripped = i
             else:
                 watch.over_target_run[i] = 0
         if tripped is None:
             return []
-        limit = watch.targets_mmhg[tripped] + tol
-        return [self._vent(
-            watch, Rule.OVER_TARGET, tripped, pressures[tripped], limit,
-            f"chamber {tripped + 1} at {pressures[tripped]:.1f} mmHg above target "
-            f"{watch.targets_mmhg[tripped]:g} + {tol:g} mmHg for "
-            f"{watch.over_target_run[tripped]} samples",
-        )]
+        return [self._vent(watch, now, SafetyAction(
+            rule=Rule.OVER_TARGET, severity=Severity.HIGH, vent=True, alarm=True,
+            chamber=tripped + 1, value=pressures[tripped], limit=targets[tripped] + tol,
+            detail=f"chamber {tripped + 1} at {pressures[tripped]:.1f} mmHg above target "
+            f"{targets[tripped]:g} + {tol:g} mmHg for {watch.over_target_run[tripped]} samples",
+        ))]
 
-    def on_tick(self, watch: BootWatch, now: float) -> list[SafetyAction]:
-        """Rule 5: a boot in session that has gone silent is vented and an alarm raised."""
-        if not watch.in_session or watch.silence_reported or watch.last_sample_at is None:
+    def _sustained(self, watch: BootWatch, pressures: list[float], now: float) -> list[Outcome]:
+        limit = watch.inflation_limit_s or self.limits.max_inflation_s
+        level = self.limits.inflated_level_mmhg
+        worst: tuple[float, int] | None = None
+        for i, p in enumerate(pressures):
+            if p <= level:
+                watch.inflated_since[i] = None
+                continue
+            since = watch.inflated_since[i]
+            if since is None:
+                watch.inflated_since[i] = now
+            elif now - since > limit and (worst is None or now - since > worst[0]):
+                worst = (now - since, i)
+        if worst is None:
             return []
-        silent = now - watch.last_sample_at
-        limit = self.silence_limit(watch)
-        if silent <= limit:
+        held, i = worst
+        return [self._vent(watch, now, SafetyAction(
+            rule=Rule.SUSTAINED_INFLATION, severity=Severity.HIGH, vent=True, alarm=True,
+            chamber=i + 1, value=round(held, 3), limit=limit,
+            detail=f"chamber {i + 1} inflated above {level:g} mmHg for {held:.1f} s "
+            f"(limit {limit:g} s)",
+        ))]
+
+    # ------------------------------------------------------------------ rules on time
+
+    def on_tick(self, watch: BootWatch, now: float) -> list[Outcome]:
+        """Rules 8 (vent not confirmed), 5 (telemetry loss) and 4 (session overrun)."""
+        if watch.venting:
+            return self._unconfirmed(watch, now)
+        if not watch.in_session or not watch.online:
             return []
-        watch.silence_reported = True
-        watch.venting = True
+        if watch.last_sample_at is not None and not watch.silence_reported:
+            silent = now - watch.last_sample_at
+            limit = self.silence_limit(watch)
+            if silent > limit:
+                watch.silence_reported = True
+                return [self._vent(watch, now, SafetyAction(
+                    rule=Rule.TELEMETRY_LOSS, severity=Severity.HIGH, vent=True, alarm=True,
+                    value=round(silent, 3), limit=limit,
+                    detail=f"no telemetry for {silent:.1f} s in session (limit {limit:g} s)",
+                ))]
+        if (watch.session_started_at is not None and watch.session_duration_s is not None
+                and not watch.overrun_reported):
+            running = now - watch.session_started_at
+            limit = watch.session_duration_s + self.limits.overrun_grace_s
+            if running > limit:
+                watch.overrun_reported = True
+                return [self._vent(watch, now, SafetyAction(
+                    rule=Rule.SESSION_OVERRUN, severity=Severity.HIGH, vent=True, alarm=True,
+                    stop=True, value=round(running, 3), limit=limit,
+                    detail=f"session still running after {running:.0f} s "
+                    f"(program {watch.session_duration_s:g} s + grace "
+                    f"{self.limits.overrun_grace_s:g} s)",
+                ))]
+        return []
+
+    def _unconfirmed(self, watch: BootWatch, now: float) -> list[Outcome]:
+        if watch.vent_sent_at is None:
+            return []
+        waited = now - watch.vent_sent_at
+        deadline = self.limits.vent_confirm_deadline_s
+        if waited <= deadline or watch.vent_resends >= self.limits.vent_resend_max:
+            return []
+        watch.vent_resends += 1
+        watch.vent_sent_at = now
+        first = watch.vent_resends == 1
         return [SafetyAction(
-            rule=Rule.TELEMETRY_LOSS, severity=Severity.HIGH, vent=True, alarm=True,
-            value=round(silent, 3), limit=limit,
-            detail=f"no telemetry for {silent:.1f} s in session (limit {limit:g} s)",
+            rule=Rule.VENT_NOT_CONFIRMED, severity=Severity.HIGH, vent=True, alarm=first,
+            value=round(now - (watch.vent_first_sent_at or now), 3), limit=deadline,
+            detail=f"chambers not below {self.limits.safe_level_mmhg:g} mmHg {waited:.1f} s "
+            f"after the vent; re-sent ({watch.vent_resends}/{self.limits.vent_resend_max})",
         )]
 
-    def on_event(self, watch: BootWatch, event: BootEvent, now: float) -> list[SafetyAction]:
+    # ------------------------------------------------------------------ rules on events
+
+    def on_offline(self, watch: BootWatch, now: float) -> list[Outcome]:
+        """Rule 7: the boot dropped off (LWT or keep-alive) mid-session; it must vent itself."""
+        watch.online = False
+        if not watch.in_session:
+            return []
+        return [self._vent(watch, now, SafetyAction(
+            rule=Rule.OFFLINE_IN_SESSION, severity=Severity.HIGH, vent=True, alarm=True,
+            detail="boot went offline during a session; it must vent by itself "
+            "(vent sent in case it comes back)",
+        ))]
+
+    def on_online(self, watch: BootWatch) -> None:
+        watch.online = True
+
+    def on_event(self, watch: BootWatch, event: BootEvent, now: float) -> list[Outcome]:
         """Rule 10: the user's stop button is a safety signal (numbness, tingling, pain)."""
         if event.kind is EventKind.USER_STOP:
             return [SafetyAction(
                 rule=Rule.USER_STOP, severity=Severity.MEDIUM, vent=False, alarm=True,
                 detail="stopped by the user at the boot" + (
-                    f": {event.detail}" if event.detail else ""
-                ),
+                    f": {event.detail}" if event.detail else ""),
             )]
         return []
 
-    def _vent(
-        self, watch: BootWatch, rule: Rule, idx: int, value: float, limit: float, detail: str
-    ) -> SafetyAction:
-        watch.venting = True
+    @staticmethod
+    def program_refused(reasons: list[str]) -> SafetyAction:
+        """Rule 9: a program that failed its checks was not sent."""
         return SafetyAction(
-            rule=rule, severity=Severity.HIGH, vent=True, alarm=True, detail=detail,
-            chamber=idx + 1, value=value, limit=limit,
+            rule=Rule.PROGRAM_REFUSED, severity=Severity.LOW, vent=False, alarm=False,
+            detail="; ".join(reasons)[:500],
         )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _vent(self, watch: BootWatch, now: float, action: SafetyAction) -> SafetyAction:
+        self.vent_sent(watch, now)
+        watch.vent_resends = 0
+        return action
+
+    def _confirmed(self, watch: BootWatch, now: float) -> VentConfirmed:
+        after = now - watch.vent_first_sent_at if watch.vent_first_sent_at is not None else None
+        outcome = VentConfirmed(after_s=after, resends=watch.vent_resends)
+        watch.venting = False
+        watch.vent_sent_at = None
+        watch.vent_first_sent_at = None
+        watch.vent_resends = 0
+        watch.over_target_run = [0] * watch.chambers
+        watch.inflated_since = [None] * watch.chambers
+        return outcome

@@ -55,7 +55,8 @@ async def test_bad_input_is_counted_logged_and_harmless(
                 await raw.publish(name, json.dumps(sample).encode(), qos=1)
 
         rejected = gateway.gw.stats.rejected
-        expected = {"not_json": 2, "invalid": 3, "chamber_count": 1, "too_large": 1,
+        # NaN and a wrong chamber count are implausible data (rule 6): counted as faults too.
+        expected = {"not_json": 1, "invalid": 3, "implausible_data": 2, "too_large": 1,
                     "bad_topic": 4}
         await wait_for(lambda: all(rejected[k] >= n for k, n in expected.items()), 10,
                        f"rejections {expected}, have {dict(rejected)}")
@@ -66,7 +67,7 @@ async def test_bad_input_is_counted_logged_and_harmless(
                             getattr(r, "kind", "") == "not_json" for r in caplog.records)
         for _ in range(10):
             await victim.publish_raw(Channel.TELEMETRY, b"garbage", qos=1)
-        await wait_for(lambda: rejected["not_json"] == 12, 10, "ten more rejections")
+        await wait_for(lambda: rejected["not_json"] == 11, 10, "ten more rejections")
         logged_after = sum(getattr(r, "device", "") == victim.key and
                            getattr(r, "kind", "") == "not_json" for r in caplog.records)
         assert logged_before == 1 and logged_after == 1
@@ -91,6 +92,10 @@ async def test_bad_input_is_counted_logged_and_harmless(
     kinds = gateway.query(f"SELECT count(reason) FROM device_fault WHERE clinic = '{clinic}' "
                           "GROUP BY kind")
     stored_kinds = {s["tags"]["kind"] for s in kinds}
-    assert {"not_json", "invalid", "chamber_count", "too_large"} <= stored_kinds
+    assert {"not_json", "invalid", "implausible_data", "too_large"} <= stored_kinds
+    # Rule 6 vented the victim once for the episode and recorded it as a safety event.
+    vents = gateway.query("SELECT detail, device FROM safety_event "
+                          "WHERE rule = 'implausible_data'")
+    assert [row[2] for row in vents[0]["values"]] == ["victim"]
     health = (await gateway.api.get("/health")).json()
     assert health["mqtt_connected"] and health["influx_connected"]

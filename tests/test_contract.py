@@ -50,7 +50,7 @@ GOOD = {"seq": 1, "ts": 1.5, "phase": "hold", "pressures": [50.0, 49.0]}
 
 @pytest.mark.parametrize(("payload", "kind", "text"), [
     (b"not json", "not_json", "not JSON"),
-    (b'{"seq": 1, "ts": 1, "phase": "hold", "pressures": [NaN]}', "not_json", "NaN"),
+    (b'{"seq": 1, "ts": NaN, "phase": "hold", "pressures": [1]}', "invalid", "ts"),
     (json.dumps({**GOOD, "pressures": ["high", 1]}).encode(), "invalid", "pressures.0"),
     (json.dumps({**GOOD, "seq": -1}).encode(), "invalid", "seq"),
     (json.dumps({**GOOD, "phase": "dance"}).encode(), "invalid", "phase"),
@@ -63,6 +63,16 @@ def test_bad_payloads_raise_a_labelled_error(payload: bytes, kind: str, text: st
         decode(Channel.TELEMETRY, payload, max_bytes=16384)
     assert err.value.kind == kind
     assert text in str(err.value)
+
+
+def test_nan_pressures_reach_the_watchdog() -> None:
+    """Rule 6 judges NaN readings (vent + fault), so the contract lets them through."""
+    msg = decode(Channel.TELEMETRY, b'{"seq": 1, "ts": 1, "phase": "hold", '
+                 b'"pressures": [NaN, Infinity]}', 16384)
+    assert isinstance(msg, Telemetry) and msg.pressures[1] == float("inf")
+    with pytest.raises(PayloadError):
+        decode(Channel.STATE, b'{"online": true, "firmware": "f", "chambers": 1, "zones": ["a"],'
+               b' "max_pressure_mmhg": NaN, "telemetry_period_s": 1, "ts": 0}', 16384)
 
 
 def test_good_payload_decodes() -> None:
