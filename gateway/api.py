@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from gateway.alarms import UnknownAlarm
 from gateway.commands import TrackedCommand
-from gateway.contract import ID_PATTERN, SessionProgram
+from gateway.contract import ID_PATTERN, Alarm, SessionProgram
 from gateway.fleet import Boot
 from gateway.mqtt_link import NotConnected
 from gateway.programs import CATALOGUE
@@ -45,7 +46,6 @@ def authorize(
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
-BootPath = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class SessionView(BaseModel):
@@ -235,6 +235,25 @@ def get_command(gw: GatewayDep, cmd_id: str) -> CommandView:
     return _command_view(tracked)
 
 
+class AckAlarmRequest(BaseModel):
+    by: str = Field(min_length=1, max_length=80, description="who acknowledges (name or role)")
+
+
+@router.get("/alarms", response_model=list[Alarm])
+def list_alarms(gw: GatewayDep, include_cleared: bool = False, clinic: str | None = None
+                ) -> list[Alarm]:
+    """Alarms latch: listed until acknowledged and resolved (see docs/safety.md)."""
+    return [a for a in gw.alarms.listed(include_cleared) if clinic is None or a.clinic == clinic]
+
+
+@router.post("/alarms/{alarm_id}/ack", response_model=Alarm)
+def acknowledge_alarm(gw: GatewayDep, alarm_id: str, body: AckAlarmRequest) -> Alarm:
+    try:
+        return gw.acknowledge_alarm(alarm_id, body.by)
+    except UnknownAlarm as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     mqtt_connected: bool
@@ -247,7 +266,10 @@ class Stats(BaseModel):
     messages: dict[str, int]
     rejected: dict[str, int]
     vents_sent: int
+    vents_confirmed: int
+    sessions_resumed: int
     safety_events: int
+    alarms_listed: int
     points_written: int
     points_dropped: int
     points_refused: int
@@ -285,7 +307,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         w = gateway.writer.stats
         return Stats(
             messages=dict(gateway.stats.messages), rejected=dict(gateway.stats.rejected),
-            vents_sent=gateway.stats.vents_sent, safety_events=gateway.stats.safety_events,
+            vents_sent=gateway.stats.vents_sent, vents_confirmed=gateway.stats.vents_confirmed,
+            sessions_resumed=gateway.stats.sessions_resumed,
+            safety_events=gateway.stats.safety_events,
+            alarms_listed=len(gateway.alarms.listed()),
             points_written=w.points_written, points_dropped=w.points_dropped_queue_full,
             points_refused=w.points_refused, storage_queue=gateway.writer.queue_depth,
             mqtt_reconnects=gateway.link.reconnects,
