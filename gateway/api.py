@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from gateway.alarms import UnknownAlarm
 from gateway.commands import TrackedCommand
-from gateway.contract import ID_PATTERN, Alarm, SessionProgram
+from gateway.contract import Alarm, SessionProgram
 from gateway.fleet import Boot
 from gateway.mqtt_link import NotConnected
 from gateway.programs import CATALOGUE
