@@ -80,6 +80,12 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL: the crash a clean shutdown test cannot show."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
     def pause(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)

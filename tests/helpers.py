@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from device_sim.local_stack import LocalInflux, LocalMosquitto, count
+from device_sim.local_stack import LocalInflux, LocalMosquitto, count, free_port
 from gateway.contract import Mode, ProgramTiming, SessionProgram
+from gateway.server import serve
 from gateway.service import Gateway
-from gateway.settings import MqttSettings
+from gateway.settings import (
+    ApiSettings,
+    GatewaySettings,
+    InfluxSettings,
+    MqttSettings,
+    ProgramLimits,
+    WatchdogSettings,
+)
 
 
 def short_program(chambers: int = 4, duration_s: float = 6.0, target: float = 60.0
@@ -61,3 +71,50 @@ class RunningGateway:
 
 def mqtt_of(mosquitto: LocalMosquitto) -> MqttSettings:
     return MqttSettings(host="127.0.0.1", port=mosquitto.port)
+
+
+def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | None = None,
+                     **over: Any) -> GatewaySettings:
+    """Test settings: short programs allowed, fast flushes, tight silence floor."""
+    return GatewaySettings(
+        gateway_id="gw-test",
+        mqtt=MqttSettings(host="127.0.0.1", port=mosquitto.port,
+                          client_id=f"gw-{secrets.token_hex(4)}"),
+        influx=over.pop("influx", None) or InfluxSettings(
+            url=server.url, database=db or f"t_{secrets.token_hex(4)}", flush_interval_s=0.1),
+        api=ApiSettings(port=free_port()),
+        programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, start_expiry_s=5),
+        watchdog=over.pop("watchdog", WatchdogSettings(telemetry_loss_floor_s=1.0)),
+        command_ack_timeout_s=5,
+        heartbeat_interval_s=0.5,
+        **over,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: GatewaySettings, influx: LocalInflux,
+                          clinic_prefix: str | None = None) -> AsyncIterator[RunningGateway]:
+    """A gateway with its API on a free port, shut down (bounded) on exit."""
+    gw = Gateway(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(gw, stop))
+    base = f"http://127.0.0.1:{settings.api.port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=20) as api:
+            async with asyncio.timeout(10):
+                await gw.ready.wait()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if (await api.get("/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "API did not come up"
+                await asyncio.sleep(0.05)
+            yield RunningGateway(gw, api, influx, settings.influx.database,
+                                 clinic_prefix or f"c{secrets.token_hex(3)}-")
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):  # a gateway that cannot shut down fails the test
+            await task
