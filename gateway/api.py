@@ -247,7 +247,7 @@ def list_alarms(gw: GatewayDep, include_cleared: bool = False, clinic: str | Non
 
 
 @router.post("/alarms/{alarm_id}/ack", response_model=Alarm)
-def acknowledge_alarm(gw: GatewayDep, alarm_id: str, body: AckAlarmRequest) -> Alarm:
+async def acknowledge_alarm(gw: GatewayDep, alarm_id: str, body: AckAlarmRequest) -> Alarm:
     try:
         return gw.acknowledge_alarm(alarm_id, body.by)
     except UnknownAlarm as exc:
