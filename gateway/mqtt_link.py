@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 from collections.abc import Callable
 
 import aiomqtt
@@ -21,6 +22,8 @@ from gateway.settings import MqttSettings
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+# Nagle's algorithm would hold a small vent packet back until the previous one is acked.
+NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class NotConnected(RuntimeError):
@@ -59,6 +62,7 @@ class MqttLink:
                 protocol=aiomqtt.ProtocolVersion.V5,
                 keepalive=s.keepalive_s,
                 timeout=10,
+                socket_options=NO_DELAY,
             )
             try:
                 async with client:
