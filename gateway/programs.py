@@ -86,6 +86,7 @@ class BootLimits:
     max_pressure_mmhg: float
     online: bool
     in_session: bool
+    gateway_ceiling_mmhg: float = float("inf")  # the watchdog's hard ceiling (rule 1)
 
 
 def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimits) -> list[str]:
@@ -98,13 +99,16 @@ def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimi
     n = len(program.targets_mmhg)
     if n != boot.chambers:
         reasons.append(f"the program has {n} chamber targets but the boot has {boot.chambers}")
-    ceiling = min(boot.max_pressure_mmhg, limits.ceiling_for(boot.clinic))
+    clinic_ceiling = limits.ceiling_for(boot.clinic)
+    ceiling = min(boot.max_pressure_mmhg, clinic_ceiling, boot.gateway_ceiling_mmhg)
     for i, p in enumerate(program.targets_mmhg, start=1):
         if p > ceiling:
+            gw = (f", the gateway's {boot.gateway_ceiling_mmhg:g}"
+                  if boot.gateway_ceiling_mmhg < float("inf") else "")
             reasons.append(
                 f"chamber {i} target {p:g} mmHg is above the ceiling of {ceiling:g} mmHg "
-                f"(lower of the boot's {boot.max_pressure_mmhg:g} and the clinic's "
-                f"{limits.ceiling_for(boot.clinic):g})"
+                f"(lowest of the boot's {boot.max_pressure_mmhg:g}{gw} and the clinic's "
+                f"{clinic_ceiling:g})"
             )
         elif p < limits.min_pressure_mmhg:
             reasons.append(

@@ -237,7 +237,11 @@ class Gateway:
                 "device": boot.key, "firmware": state.firmware, "chambers": state.chambers,
                 "in_session": boot.session is not None})
             if state.online:
-                self.watchdog.on_online(boot.watch)
+                if self.watchdog.on_online(boot.watch, self.monotonic()):
+                    log.warning("boot back online with a vent unconfirmed; vent re-sent",
+                                extra={"device": boot.key})
+                    self._send_vent(boot, "re-sent: the boot reconnected before the vent "
+                                    "was confirmed")
                 self._resolve(boot, frozenset({Rule.OFFLINE_IN_SESSION}))
             else:
                 self._apply(boot, self.watchdog.on_offline(boot.watch, self.monotonic()))
@@ -467,6 +471,7 @@ class Gateway:
             clinic=boot.clinic, chambers=boot.state.chambers,
             max_pressure_mmhg=boot.state.max_pressure_mmhg, online=boot.online,
             in_session=boot.session is not None,
+            gateway_ceiling_mmhg=self.settings.watchdog.hard_ceiling_mmhg,
         )
         reasons = check_program(program, limits, self.settings.programs)
         if not self.link.connected.is_set():

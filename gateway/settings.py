@@ -1,7 +1,7 @@
 """Gateway configuration: env vars prefixed `BOOTGW_` (nested with `__`) over an optional TOML file.
 
 Every limit that matters for safety is a named field here with a safe default;
-`docs/configuration.md` and the README list them. The file is `BOOTGW_CONFIG_FILE`
+the README and docs/safety.md list them. The file is `BOOTGW_CONFIG_FILE`
 (default `bootgw.toml` in the working directory, read only if it exists).
 """
 

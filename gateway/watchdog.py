@@ -154,6 +154,7 @@ class Watchdog:
         watch.overrun_reported = False
         watch.over_target_run = [0] * watch.chambers
         watch.silence_reported = False
+        watch.last_seq = None  # a boot may have rebooted since its last sample
         if watch.last_sample_at is None or watch.last_sample_at < now - self.silence_limit(watch):
             watch.last_sample_at = now  # the silence clock starts with the session
 
@@ -305,8 +306,8 @@ class Watchdog:
         return []
 
     def _unconfirmed(self, watch: BootWatch, now: float) -> list[Outcome]:
-        if watch.vent_sent_at is None:
-            return []
+        if watch.vent_sent_at is None or not watch.online:
+            return []  # an offline boot cannot confirm; rule 7 has raised its alarm
         waited = now - watch.vent_sent_at
         deadline = self.limits.vent_confirm_deadline_s
         if waited <= deadline or watch.vent_resends >= self.limits.vent_resend_max:
@@ -334,8 +335,15 @@ class Watchdog:
             "(vent sent in case it comes back)",
         ))]
 
-    def on_online(self, watch: BootWatch) -> None:
+    def on_online(self, watch: BootWatch, now: float) -> bool:
+        """A boot is back (reconnect or reboot). True: re-send the vent of an open episode,
+        whose confirmation deadline starts again now."""
         watch.online = True
+        watch.last_seq = None  # a rebooted boot counts seq from 0 again
+        if watch.venting:
+            watch.vent_sent_at = now
+            return True
+        return False
 
     def on_event(self, watch: BootWatch, event: BootEvent, now: float) -> list[Outcome]:
         """Rule 10: the user's stop button is a safety signal (numbness, tingling, pain)."""

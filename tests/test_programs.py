@@ -49,7 +49,17 @@ def test_above_clinic_ceiling_is_refused_with_a_reason() -> None:
     reasons = check_program(program([105, 100, 95, 90]), BOOT, LIMITS)
     assert reasons == [
         "chamber 1 target 105 mmHg is above the ceiling of 100 mmHg "
-        "(lower of the boot's 120 and the clinic's 100)"
+        "(lowest of the boot's 120 and the clinic's 100)"
+    ]
+
+
+def test_clinic_ceiling_above_the_gateway_ceiling_cannot_let_a_program_through() -> None:
+    limits = ProgramLimits(clinic_ceilings={"c1": 150})
+    boot = BootLimits("c1", 4, 160, True, False, gateway_ceiling_mmhg=120)
+    reasons = check_program(program([130, 120, 110, 100]), boot, limits)
+    assert reasons == [
+        "chamber 1 target 130 mmHg is above the ceiling of 120 mmHg "
+        "(lowest of the boot's 160, the gateway's 120 and the clinic's 150)"
     ]
 
 

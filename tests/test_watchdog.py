@@ -264,6 +264,29 @@ def test_offline_in_session_is_a_high_alarm() -> None:
     assert dog.on_offline(idle, 1.0) == []
 
 
+def test_offline_boot_gets_no_resends_until_it_is_back() -> None:
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    assert vents(dog.on_offline(w, 1.0))
+    assert dog.on_tick(w, 100.0) == []  # no vent_not_confirmed storm for an offline boot
+    assert dog.on_online(w, 100.0) is True  # back: re-send the vent now
+    assert dog.on_tick(w, 104.0) == []
+    assert [a.rule for a in dog.on_tick(w, 105.5)] == [Rule.VENT_NOT_CONFIRMED]
+
+
+def test_reboot_resets_the_seq_order() -> None:
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    dog.on_telemetry(w, sample(SAFE, 500), 0.1)
+    dog.on_offline(w, 0.2)
+    feed_high = [80, 58, 56, 54]
+    dog.on_telemetry(w, sample([5, 0, 0, 0], 900), 0.3)  # confirms the offline vent
+    dog.on_online(w, 0.4)
+    dog.start_session(w, "s2", PROGRAM, 0.5)
+    results = [dog.on_telemetry(w, sample(feed_high, i), 0.6 + i / 10) for i in range(3)]
+    assert results[:2] == [[], []] and vents(results[2])
+
+
 def test_offline_boot_is_not_also_reported_silent() -> None:
     dog = Watchdog(LIMITS)
     w = in_session(dog, watch())
