@@ -3,13 +3,20 @@
 A `SimBoot` behaves like firmware would: retained state + LWT, commands in, acks/events/telemetry
 out. It also records what it saw and offers awaitables (built on an asyncio.Event, never sleeps)
 so integration tests can wait for "this boot got a vent" or "the session completed".
+
+Fault switches (`inject_*`, `set_*`) make the boot misbehave in one specific way each, so every
+rule of the gateway's safety watchdog can be exercised; `clear_faults()` undoes them all.
+Like firmware, the boot also does its own safety duty (docs/protocol.md §7.2): in a session it
+vents itself when the gateway's heartbeat stops or the MQTT connection drops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import random
 import time
 from collections import OrderedDict, deque
@@ -17,6 +24,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import aiomqtt
+from pydantic import ValidationError
 
 from device_sim.physics import BootModel
 from gateway.contract import (
@@ -25,17 +33,20 @@ from gateway.contract import (
     HEARTBEAT_TOPIC,
     Ack,
     AckStatus,
+    ActiveSession,
     BootEvent,
     BootState,
     Channel,
     Command,
     CommandKind,
     EventKind,
+    Heartbeat,
     PayloadError,
     Telemetry,
     decode,
     topic,
 )
+from gateway.mqtt_link import NO_DELAY
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,13 @@ _SEEN_CMDS = 256
 _OUTBOX_MAX = 1000
 _PUBLISH_TIMEOUT_S = 5.0
 _OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+# Heartbeat-loss timeout when none is configured (protocol §7.2): this many of the gateway's
+# announced intervals, never less than the floor; the gateway default interval until one is seen.
+HEARTBEAT_TIMEOUT_INTERVALS = 3.0
+HEARTBEAT_TIMEOUT_FLOOR_S = 5.0
+DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
+SELF_VENT_HEARTBEAT = "gateway heartbeat lost"
+SELF_VENT_CONNECTION = "mqtt connection lost"
 
 
 def zones_for(chambers: int) -> list[str]:
@@ -75,10 +93,14 @@ class SimBoot:
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
         heartbeat_timeout_s: float | None = None,
+        self_vent: bool = True,
     ) -> None:
-        """heartbeat_timeout_s: if set, a boot in session vents itself when no live gateway
-        heartbeat arrived for that long (defence in depth; off by default so tests without a
-        gateway are not vented)."""
+        """self_vent: in a session, vent when no live gateway heartbeat arrived for
+        `heartbeat_timeout_s` (None: derived from the last heartbeat's interval_s, protocol
+        §7.2) or when the MQTT connection drops. On by default, as firmware must; switch it off
+        for tests that run sessions without a gateway."""
+        if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
+            raise ValueError("heartbeat_timeout_s must be positive")
         self.clinic = clinic
         self.device = device
         self.key = f"{clinic}/{device}"
@@ -93,7 +115,12 @@ class SimBoot:
         self.firmware = firmware
         self.clock = clock
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.self_vent = self_vent
+        # Clock time of the last heartbeat that arrived live (retained ones prove nothing).
         self.last_heartbeat_at: float | None = None
+        # interval_s of the last heartbeat seen, retained or not: it sizes the timeout.
+        self.heartbeat_interval_s: float | None = None
+        self.heartbeats_received = 0
         self.self_vents = 0
         self.model = BootModel(chambers, max_pressure_mmhg, rng=random.Random(seed))
         self._topics = {ch: topic(clinic, device, ch) for ch in Channel}
@@ -101,15 +128,24 @@ class SimBoot:
         # Session bookkeeping.
         self.session_id: str | None = None
         self._start_cmd_id: str | None = None
-        self._silent = False
+        self._active: ActiveSession | None = None
         self._seq = 0
+
+        # Injected faults (see the fault switches below).
+        self._silent = False
+        self._ignore_vents = False
+        self._count_mismatch = False
+        self._spikes: dict[int, float] = {}
 
         # Counters and records (read by tests and the fleet runner).
         self.telemetry_sent = 0
         self.telemetry_sent_by_session: dict[str, int] = {}
         self.commands_received: list[Command] = []
         self.vents_received = 0
-        self.vent_received_at: float | None = None
+        self.vent_received_at: float | None = None  # the first one
+        self.vents_received_at: list[float] = []
+        self.spikes_published_at: list[float] = []
+        self.state_publishes = 0
         self.sessions_completed = 0
         self.acks_sent: list[Ack] = []
         self.events_sent: list[BootEvent] = []
@@ -136,7 +172,21 @@ class SimBoot:
     def in_session(self) -> bool:
         return self.model.in_session
 
+    @property
+    def session(self) -> ActiveSession | None:
+        """The running session as the retained state announces it."""
+        return self._active
+
+    @property
+    def effective_heartbeat_timeout_s(self) -> float:
+        """How long a session survives without a live heartbeat (protocol §7.2)."""
+        if self.heartbeat_timeout_s is not None:
+            return self.heartbeat_timeout_s
+        interval = self.heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S
+        return max(HEARTBEAT_TIMEOUT_FLOOR_S, HEARTBEAT_TIMEOUT_INTERVALS * interval)
+
     def state_payload(self, online: bool) -> bytes:
+        """The retained state; the session only while online (the LWT never carries one)."""
         return BootState(
             online=online,
             firmware=self.firmware,
@@ -145,6 +195,7 @@ class SimBoot:
             max_pressure_mmhg=self.max_pressure_mmhg,
             telemetry_period_s=self.telemetry_period_s,
             ts=self.clock(),
+            session=self._active if online else None,
         ).to_payload()
 
     # ------------------------------------------------------------------ test / runner hooks
@@ -153,19 +204,65 @@ class SimBoot:
         """The user's stop button (numbness, pain): the session stops and USER_STOP is sent."""
         session_id = self.session_id
         self.model.stop(self.clock())
-        self._end_session()
+        ended = self._end_session()
         log.info("user stop", extra={"boot": self.key, "session_id": session_id})
         await self._event(EventKind.USER_STOP, session_id=session_id, detail="stop button")
+        if ended:
+            await self._publish_state()
 
     def inject_stuck_valve(self, chamber: int) -> None:
         """Fault: one chamber keeps inflating during any session until the boot is vented."""
         self.model.stuck_valve(chamber)
         log.info("stuck valve injected", extra={"boot": self.key, "chamber": chamber})
 
+    def inject_hold_valve(self, chamber: int) -> None:
+        """Fault: one chamber stays at its target all session (only "held too long" sees it)."""
+        self.model.hold_valve(chamber)
+        log.info("hold valve injected", extra={"boot": self.key, "chamber": chamber})
+
+    def inject_overrun(self) -> None:
+        """Fault: sessions never complete by themselves; they cycle on until stopped or vented."""
+        self.model.overrun()
+        log.info("overrun injected", extra={"boot": self.key})
+
+    def inject_vent_broken(self) -> None:
+        """Fault: a vent is acked DONE and VENTED is sent, but the pressure does not fall."""
+        self.model.vent_valve_broken()
+        log.info("broken vent valve injected", extra={"boot": self.key})
+
+    def set_ignore_vents(self, on: bool) -> None:
+        """Fault (firmware hang): vent commands are received and counted, never executed,
+        acked or answered with an event."""
+        self._ignore_vents = on
+        log.info("ignore vents fault", extra={"boot": self.key, "ignore_vents": on})
+
+    def inject_spike(self, chamber: int, value: float) -> None:
+        """Fault: the next published telemetry sample carries `value` (NaN, inf, -50, 500...)
+        for `chamber`; its publish time goes to `spikes_published_at` for reaction timing."""
+        if not 0 <= chamber < self.chambers:
+            raise ValueError(f"chamber {chamber} out of range 0..{self.chambers - 1}")
+        self._spikes[chamber] = float(value)
+        log.info("spike injected", extra={"boot": self.key, "chamber": chamber,
+                                          "value": repr(float(value))})
+
+    def inject_chamber_count_mismatch(self, on: bool) -> None:
+        """Fault: telemetry carries one pressure fewer than the announced chamber count."""
+        if on and self.chambers < 2:
+            raise ValueError("a one-chamber boot cannot send one pressure fewer")
+        self._count_mismatch = on
+        log.info("chamber count mismatch fault", extra={"boot": self.key, "on": on})
+
     def set_silent(self, on: bool) -> None:
         """Fault: telemetry stops (connection stays up, commands are still obeyed)."""
         self._silent = on
         log.info("silent fault", extra={"boot": self.key, "silent": on})
+
+    def clear_faults(self) -> None:
+        """Undo every injected fault (model and firmware); a pending spike is dropped."""
+        self.model.clear_faults()
+        self._silent = self._ignore_vents = self._count_mismatch = False
+        self._spikes.clear()
+        log.info("faults cleared", extra={"boot": self.key})
 
     async def publish_raw(
         self, channel: Channel, payload: bytes, qos: int = 1, *, retain: bool = False
@@ -222,6 +319,11 @@ class SimBoot:
 
         return await self.wait_until(find, timeout)  # type: ignore[return-value]
 
+    async def wait_for_self_vent(self, timeout: float = 10.0, *, count: int = 1) -> BootEvent:
+        """Until the boot has vented itself `count` times; returns the last VENTED event."""
+        await self.wait_until(lambda: self.self_vents >= count, timeout)
+        return next(e for e in reversed(self.events_sent) if e.kind is EventKind.VENTED)
+
     async def wait_for_vent(self, timeout: float = 10.0, *, count: int = 1) -> float:
         """Until `count` vent commands have arrived; returns the clock time of the first."""
         await self.wait_until(lambda: self.vents_received >= count, timeout)
@@ -254,6 +356,10 @@ class SimBoot:
                     "mqtt connection lost" if was_connected else "mqtt connect failed",
                     extra={"boot": self.key, "error": str(exc), "retry_in_s": backoff},
                 )
+                if was_connected and self.self_vent and self.model.in_session:
+                    # Protocol §7.2: the gateway cannot reach us any more; the event goes
+                    # out from the outbox after the reconnect.
+                    await self._self_vent(self.clock(), SELF_VENT_CONNECTION)
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.mqtt.reconnect_max_s)
             finally:
@@ -276,18 +382,20 @@ class SimBoot:
             ),
             keepalive=m.keepalive_s,
             timeout=_PUBLISH_TIMEOUT_S,
+            socket_options=NO_DELAY,
         )
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         ticker: asyncio.Task[None] | None = None
         try:
+            # Protocol §3.1: subscribe first, then announce online (with any running session).
+            await client.subscribe(self._topics[Channel.CMD], qos=CHANNEL_QOS[Channel.CMD])
+            await client.subscribe(HEARTBEAT_TOPIC, qos=0)
             await client.publish(
                 self._topics[Channel.STATE], self.state_payload(online=True),
                 qos=CHANNEL_QOS[Channel.STATE], retain=CHANNEL_RETAIN[Channel.STATE],
             )
-            await client.subscribe(self._topics[Channel.CMD], qos=CHANNEL_QOS[Channel.CMD])
-            if self.heartbeat_timeout_s is not None:
-                await client.subscribe(HEARTBEAT_TOPIC, qos=0)
+            self.state_publishes += 1
             self.connections += 1
             self._set_client(client)
             log.info("boot online", extra={"boot": self.key, "connections": self.connections})
@@ -295,9 +403,7 @@ class SimBoot:
             ticker = asyncio.create_task(self._telemetry_loop(), name=f"telemetry-{self.key}")
             async for message in client.messages:
                 if message.topic.matches(HEARTBEAT_TOPIC):
-                    # A retained heartbeat says nothing about the gateway being alive now.
-                    if not message.retain:
-                        self.last_heartbeat_at = self.clock()
+                    self.on_heartbeat(message.payload, retained=bool(message.retain))
                     continue
                 await self._on_message(message.payload)
         except asyncio.CancelledError:
@@ -329,6 +435,23 @@ class SimBoot:
             if ticker is not None:
                 ticker.cancel()
             log.warning("offline state not sent", extra={"boot": self.key, "error": str(exc)})
+
+    def on_heartbeat(self, payload: object, *, retained: bool) -> None:
+        """A message on the heartbeat topic. A retained one (delivered on subscribe) says
+        nothing about the gateway being alive now: it only tells the interval."""
+        if not isinstance(payload, bytes | bytearray):
+            payload = str(payload).encode()
+        try:
+            hb = Heartbeat.model_validate_json(payload)
+        except ValidationError:
+            log.debug("invalid heartbeat ignored", extra={"boot": self.key, "retained": retained})
+            return
+        if math.isfinite(hb.interval_s) and hb.interval_s > 0:
+            self.heartbeat_interval_s = hb.interval_s
+        if not retained:
+            self.last_heartbeat_at = self.clock()
+            self.heartbeats_received += 1
+        self._notify()
 
     def _set_client(self, client: aiomqtt.Client | None) -> None:
         self._client = client
@@ -363,28 +486,47 @@ class SimBoot:
     async def _sample(self) -> None:
         now = self.clock()
         phase, measured = self.model.step(now)
-        if self.model.poll_completed():
+        # A session a stop/vent command already ended is not also "completed".
+        if self.model.poll_completed() and self.session_id is not None:
             await self._complete_session()
         elif self._heartbeat_lost(now):
-            await self._self_vent(now)
+            await self._self_vent(now, SELF_VENT_HEARTBEAT)
         session_id = self.session_id
         if self._silent:
             return
-        msg = Telemetry(
-            seq=self._seq,
-            ts=now,
-            session_id=session_id,
-            phase=phase,
-            pressures=[round(p, 1) for p in measured],
-        )
+        elapsed = self.model.session_elapsed(now) if session_id is not None else None
+        seq = self._seq
         self._seq += 1
         client = self._client
         if client is None:
-            return
+            return  # a pending spike waits for the next sample that is really published
+        pressures = [round(p, 1) for p in measured]
+        spikes, self._spikes = self._spikes, {}
+        for chamber, value in spikes.items():
+            pressures[chamber] = value
+        if self._count_mismatch:
+            pressures = pressures[:-1]  # drops a spike on the last chamber, too
+        msg = Telemetry(
+            seq=seq,
+            ts=now,
+            session_id=session_id,
+            session_elapsed_s=None if elapsed is None else round(max(0.0, elapsed), 2),
+            phase=phase,
+            pressures=pressures,
+        )
+        # json.dumps writes NaN/Infinity as the JSON tokens; pydantic's JSON would write null.
+        payload = (
+            json.dumps(msg.model_dump(exclude_none=True)).encode() if spikes
+            else msg.to_payload()
+        )
+        spike_logged = False
         try:
             async with self._publish_lock:
+                if spikes:
+                    self.spikes_published_at.append(self.clock())
+                    spike_logged = True
                 await client.publish(
-                    self._topics[Channel.TELEMETRY], msg.to_payload(),
+                    self._topics[Channel.TELEMETRY], payload,
                     qos=self.telemetry_qos, timeout=_PUBLISH_TIMEOUT_S,
                 )
                 # Counted under the lock so shutdown never sees a half-counted sample.
@@ -394,23 +536,33 @@ class SimBoot:
                         self.telemetry_sent_by_session.get(session_id, 0) + 1
                     )
         except aiomqtt.MqttError as exc:
+            if spike_logged:  # not published after all: the next sample carries it
+                self.spikes_published_at.pop()
+                self._spikes = {**spikes, **self._spikes}
             log.debug("telemetry not sent", extra={"boot": self.key, "error": str(exc)})
 
     def _heartbeat_lost(self, now: float) -> bool:
-        if self.heartbeat_timeout_s is None or not self.model.in_session:
+        """In session and neither a live heartbeat nor the session start within the timeout
+        (a session started from a stale heartbeat gets the full timeout, not an instant vent)."""
+        if not self.self_vent or not self.model.in_session:
             return False
         elapsed = self.model.session_elapsed(now) or 0.0
-        reference = max(self.last_heartbeat_at or -float("inf"), now - elapsed)
-        return now - reference > self.heartbeat_timeout_s
+        reference = max(self.last_heartbeat_at or -math.inf, now - elapsed)
+        return now - reference > self.effective_heartbeat_timeout_s
 
-    async def _self_vent(self, now: float) -> None:
+    async def _self_vent(self, now: float, cause: str) -> None:
+        """The boot's own safety duty (protocol §7.2): vent, end the session, say why."""
         session_id = self.session_id
         self.model.vent(now)
         self._end_session()
         self.self_vents += 1
-        log.warning("gateway heartbeat lost, venting", extra={
-            "boot": self.key, "session_id": session_id, "timeout_s": self.heartbeat_timeout_s})
-        await self._event(EventKind.VENTED, session_id=session_id, detail="gateway heartbeat lost")
+        last = self.last_heartbeat_at
+        log.warning("self-vent", extra={
+            "boot": self.key, "session_id": session_id, "cause": cause,
+            "timeout_s": self.effective_heartbeat_timeout_s,
+            "heartbeat_silence_s": None if last is None else round(now - last, 3)})
+        await self._event(EventKind.VENTED, session_id=session_id, detail=cause)
+        await self._publish_state()
 
     async def _complete_session(self) -> None:
         session_id, cmd_id = self.session_id, self._start_cmd_id
@@ -420,11 +572,16 @@ class SimBoot:
         await self._event(EventKind.SESSION_COMPLETED, session_id=session_id)
         if cmd_id is not None:
             await self._ack(cmd_id, AckStatus.DONE)
+        await self._publish_state()
 
-    def _end_session(self) -> None:
+    def _end_session(self) -> bool:
+        """Forget the running session; True if there was one (its retained state must go)."""
+        ended = self._active is not None
         self.session_id = None
         self._start_cmd_id = None
+        self._active = None
         self._notify()
+        return ended
 
     # ------------------------------------------------------------------ commands
 
@@ -450,6 +607,7 @@ class SimBoot:
         if cmd.kind is CommandKind.VENT:
             # Safety first: count and act before any duplicate check or publishing.
             self.vents_received += 1
+            self.vents_received_at.append(now)
             if self.vent_received_at is None:
                 self.vent_received_at = now
         self._notify()
@@ -457,6 +615,10 @@ class SimBoot:
             "command received",
             extra={"boot": self.key, "cmd_id": cmd.cmd_id, "cmd": cmd.kind.value},
         )
+        if cmd.kind is CommandKind.VENT and self._ignore_vents:
+            log.warning("vent ignored (injected firmware hang)",
+                        extra={"boot": self.key, "cmd_id": cmd.cmd_id})
+            return
         previous = self._seen.get(cmd.cmd_id)
         if previous is not None and cmd.kind is not CommandKind.VENT:
             await self._ack(cmd.cmd_id, previous.status, previous.reason, remember=False)
@@ -466,17 +628,21 @@ class SimBoot:
         elif cmd.kind is CommandKind.STOP:
             session_id = self.session_id
             self.model.stop(now)
-            self._end_session()
+            ended = self._end_session()
             await self._ack(cmd.cmd_id, AckStatus.DONE)
             if session_id is not None:
                 await self._event(EventKind.SESSION_STOPPED, session_id=session_id,
                                   detail=cmd.reason)
+            if ended:
+                await self._publish_state()
         else:
             session_id = self.session_id
             self.model.vent(now)
-            self._end_session()
+            ended = self._end_session()
             await self._ack(cmd.cmd_id, AckStatus.DONE)
             await self._event(EventKind.VENTED, session_id=session_id, detail=cmd.reason)
+            if ended:
+                await self._publish_state()
 
     def _start_refusal(self, cmd: Command, now: float) -> str | None:
         assert cmd.program is not None
@@ -508,10 +674,13 @@ class SimBoot:
         self.model.start(cmd.program, now)
         self.session_id = cmd.session_id
         self._start_cmd_id = cmd.cmd_id
+        self._active = ActiveSession(session_id=cmd.session_id, cmd_id=cmd.cmd_id,
+                                     program=cmd.program, started_at=now)
         self._notify()
         await self._ack(cmd.cmd_id, AckStatus.ACCEPTED)
         await self._event(EventKind.SESSION_STARTED, session_id=cmd.session_id,
                           detail=cmd.program.name)
+        await self._publish_state()
 
     # ------------------------------------------------------------------ publishing
 
@@ -554,6 +723,30 @@ class SimBoot:
                 extra={"boot": self.key, "channel": channel.value, "error": str(exc)},
             )
             self._outbox.append((channel, payload))
+
+    async def _publish_state(self) -> None:
+        """Republish the retained online state after a session starts or ends.
+
+        Built under the publish lock, so whichever publish comes last carries the newest
+        session. Never queued while offline: the reconnect publishes the then-current state.
+        """
+        client = self._client
+        if client is None:
+            return
+        try:
+            async with self._publish_lock:
+                if self._client is not client:
+                    return  # going offline: online=false is (being) published
+                await client.publish(
+                    self._topics[Channel.STATE], self.state_payload(online=True),
+                    qos=CHANNEL_QOS[Channel.STATE], retain=CHANNEL_RETAIN[Channel.STATE],
+                    timeout=_PUBLISH_TIMEOUT_S,
+                )
+                self.state_publishes += 1
+        except aiomqtt.MqttError as exc:
+            log.warning("state not published", extra={"boot": self.key, "error": str(exc)})
+        finally:
+            self._notify()
 
     async def _flush_outbox(self) -> None:
         """Send what queued up while offline, in order; failures go back to the outbox."""

@@ -160,6 +160,11 @@ class SimFleet:
         return sum(len(b.commands_received) for b in self.boots.values())
 
     @property
+    def self_vents(self) -> int:
+        """Self-vents (heartbeat or connection lost): each one means the gateway link failed."""
+        return sum(b.self_vents for b in self.boots.values())
+
+    @property
     def in_session_count(self) -> int:
         return sum(b.in_session for b in self.boots.values())
 
@@ -173,5 +178,6 @@ class SimFleet:
             "commands_received": self.commands_received,
             "sessions_completed": self.sessions_completed,
             "vents_received": self.vents_received,
+            "self_vents": self.self_vents,
             "malformed_commands": sum(b.malformed_commands for b in self.boots.values()),
         }

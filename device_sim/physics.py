@@ -71,6 +71,9 @@ class BootModel:
         self._end: float = math.inf
         self._venting = False
         self._stuck: set[int] = set()
+        self._held: set[int] = set()
+        self._overrun = False
+        self._vent_broken = False
         self._completed_pending = False
         self.session_done_reason: DoneReason | None = None
 
@@ -103,6 +106,18 @@ class BootModel:
         return frozenset(self._stuck)
 
     @property
+    def held_chambers(self) -> frozenset[int]:
+        return frozenset(self._held)
+
+    @property
+    def overrun_fault(self) -> bool:
+        return self._overrun
+
+    @property
+    def vent_valve_fault(self) -> bool:
+        return self._vent_broken
+
+    @property
     def pressures(self) -> list[float]:
         """True (noise-free) chamber pressures as of the last step."""
         return list(self._p)
@@ -129,25 +144,59 @@ class BootModel:
         self.session_done_reason = None
 
     def stop(self, now: float) -> None:
-        """Normal stop: the session ends and every chamber deflates through its valve."""
+        """Normal stop: the session ends and every chamber deflates through its valve.
+
+        After a vent that failed (broken vent valve) the deflate valves still work, so a stop
+        is how that boot gets empty.
+        """
         self._advance(now)
         self._end_session("stopped")
+        if self._venting and self._vent_broken:
+            self._venting = False
 
     def vent(self, now: float) -> None:
-        """Emergency dump: the vent valve opens (beating a stuck valve) and the session ends."""
+        """Emergency dump: the vent valve opens (beating a stuck valve) and the session ends.
+
+        With `vent_valve_broken()` the session still ends (phase VENT) but nothing moves:
+        chambers keep their pressure and a stuck inlet keeps inflating.
+        """
         self._advance(now)
         self._end_session("vented")
         self._venting = True
-        self._stuck.clear()  # the vent valve resets the valve driver
+        if not self._vent_broken:
+            self._stuck.clear()  # the vent valve resets the valve driver
+            self._held.clear()
 
     def stuck_valve(self, chamber: int) -> None:
         """Fault: this chamber's inlet keeps inflating toward the relief limit in any session."""
-        if not 0 <= chamber < self.chambers:
-            raise ValueError(f"chamber {chamber} out of range 0..{self.chambers - 1}")
-        self._stuck.add(chamber)
+        self._stuck.add(self._check_chamber(chamber))
+
+    def hold_valve(self, chamber: int) -> None:
+        """Fault: this chamber's inflate valve stays open at its target for the whole session.
+
+        Pressure never exceeds the target, so only a "held inflated too long" rule sees it.
+        """
+        self._held.add(self._check_chamber(chamber))
+
+    def overrun(self) -> None:
+        """Fault: the session timer never fires; cycles go on past duration_s until stop/vent."""
+        self._overrun = True
+
+    def vent_valve_broken(self) -> None:
+        """Fault: vent() ends the session but opens nothing: the gateway sees no pressure drop."""
+        self._vent_broken = True
 
     def clear_faults(self) -> None:
+        """Repair everything; a vent left pending by a broken vent valve now takes effect."""
         self._stuck.clear()
+        self._held.clear()
+        self._overrun = False
+        self._vent_broken = False
+
+    def _check_chamber(self, chamber: int) -> int:
+        if not 0 <= chamber < self.chambers:
+            raise ValueError(f"chamber {chamber} out of range 0..{self.chambers - 1}")
+        return chamber
 
     def poll_completed(self) -> bool:
         """True exactly once after a session ran to its full duration."""
@@ -196,10 +245,21 @@ class BootModel:
         elapsed = max(0.0, t - self._start)
         return elapsed - math.floor(elapsed / cycle) * cycle
 
+    @property
+    def _session_end(self) -> float:
+        return math.inf if self._overrun else self._end
+
     def _setpoints(self, t: float) -> tuple[list[tuple[float, float]], float]:
         """(setpoint, tau) per chamber valid from t, and the time the schedule next changes."""
         relief = self.relief_limit_mmhg
         if self._program is None:
+            if self._venting and self._vent_broken:
+                # Vented with a dead vent valve: valves shut, pressures stay where they are,
+                # except that a stuck inlet keeps pumping.
+                return [
+                    (relief, self.tau_inflate_s) if i in self._stuck else (p, self.tau_deflate_s)
+                    for i, p in enumerate(self._p)
+                ], math.inf
             tau = self.tau_vent_s if self._venting else self.tau_deflate_s
             return [(0.0, tau)] * self.chambers, math.inf
         timing = self._program.timing
@@ -210,7 +270,7 @@ class BootModel:
         for i, target in enumerate(self._program.targets_mmhg):
             if i in self._stuck:
                 out.append((relief, self.tau_inflate_s))
-            elif i * timing.inflate_s <= u < deflate_at:
+            elif i in self._held or i * timing.inflate_s <= u < deflate_at:
                 out.append((min(target, relief), self.tau_inflate_s))
             else:
                 out.append((0.0, self.tau_deflate_s))
@@ -218,7 +278,7 @@ class BootModel:
         boundaries += [deflate_at, deflate_at + timing.deflate_s, timing.cycle_s(n)]
         nxt = min((b for b in boundaries if b > u + _EPS), default=timing.cycle_s(n))
         change_at = t + (nxt - u)
-        return out, min(change_at, self._end)
+        return out, min(change_at, self._session_end)
 
     def _advance(self, now: float) -> None:
         if self._last is None:
@@ -226,7 +286,7 @@ class BootModel:
             return
         t = self._last
         while t < now:
-            if self._program is not None and t >= self._end:
+            if self._program is not None and t >= self._session_end:
                 self._end_session("completed")
                 self._completed_pending = True
             setpoints, change_at = self._setpoints(t)
@@ -242,7 +302,7 @@ class BootModel:
                 self._p[i] = min(relief, max(0.0, p))
             t = t_next
         # A session whose end falls exactly on `now` ends now, not at the next step.
-        if self._program is not None and now >= self._end:
+        if self._program is not None and now >= self._session_end:
             self._end_session("completed")
             self._completed_pending = True
         if self._venting and self._program is None and all(p < EMPTY_MMHG for p in self._p):

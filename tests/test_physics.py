@@ -193,6 +193,141 @@ def test_stuck_valve_chamber_out_of_range() -> None:
         make_model().stuck_valve(4)
 
 
+def test_hold_valve_keeps_chamber_at_target_for_the_whole_session() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.hold_valve(0)
+    prog = make_program([60.0, 58.0, 55.0, 51.0], duration=300.0)
+    m.start(prog, T0)
+    assert m.held_chambers == frozenset({0})
+    # Deflate and pause of several cycles: the others empty, the held chamber never does.
+    for cycle in range(3):
+        phase, _ = m.step(T0 + cycle * 34.0 + 33.9)
+        assert phase is Phase.PAUSE
+        assert m.pressures[0] == pytest.approx(60.0, abs=0.01)
+        assert max(m.pressures[1:]) < 1.0
+    peak = 0.0
+    for k in range(1, 1000):
+        m.step(T0 + 102.0 + k * 0.1)
+        peak = max(peak, m.pressures[0])
+    assert peak <= 60.0  # never above target: only a "held too long" rule catches this
+
+
+def test_hold_valve_released_by_stop_and_cleared_by_vent() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.hold_valve(1)
+    m.start(make_program(), T0)
+    m.step(T0 + 30.0)
+    assert m.pressures[1] > 50.0
+    m.stop(T0 + 30.0)
+    m.step(T0 + 40.0)
+    assert max(m.pressures) < 0.1  # outside a session the held valve no longer matters
+    assert m.held_chambers == frozenset({1})
+    m.start(make_program(), T0 + 40.0)
+    m.step(T0 + 70.0)
+    assert m.pressures[1] > 50.0
+    m.vent(T0 + 70.0)
+    m.step(T0 + 73.0)
+    assert max(m.pressures) < EMPTY_MMHG
+    assert m.held_chambers == frozenset()
+
+
+def test_hold_valve_chamber_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        make_model().hold_valve(-1)
+
+
+def test_overrun_keeps_cycling_past_duration_until_stopped() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.overrun()
+    m.start(make_program(duration=60.0), T0)
+    m.step(T0 + 600.0)
+    assert m.in_session
+    assert not m.poll_completed()
+    assert m.session_elapsed(T0 + 600.0) == pytest.approx(600.0)
+    # Still the normal cycle: 17 s into the 18th cycle of 34 s is the hold phase.
+    phase, _ = m.step(T0 + 17 * 34.0 + 17.0)
+    assert phase is Phase.HOLD
+    assert min(m.pressures) > 40.0
+    m.stop(T0 + 700.0)
+    assert not m.in_session
+    assert m.session_done_reason == "stopped"
+    assert not m.poll_completed()
+    assert m.overrun_fault  # a fault stays until cleared
+
+
+def test_overrun_ended_by_vent_and_clearing_it_completes_the_session() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.overrun()
+    m.start(make_program(duration=60.0), T0)
+    m.step(T0 + 100.0)
+    m.vent(T0 + 100.0)
+    assert not m.in_session and m.session_done_reason == "vented"
+    m.step(T0 + 110.0)
+    m.start(make_program(duration=60.0), T0 + 110.0)
+    m.step(T0 + 200.0)
+    assert m.in_session
+    m.clear_faults()
+    assert not m.overrun_fault
+    m.step(T0 + 200.5)  # overdue: completes at the next step
+    assert not m.in_session
+    assert m.poll_completed()
+
+
+def test_broken_vent_valve_ends_session_but_pressures_stay() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.start(make_program([100.0, 95.0, 90.0, 85.0], hold=20.0), T0)
+    m.step(T0 + 20.0)
+    before = m.pressures
+    assert min(before) > 80.0
+    m.vent_valve_broken()
+    m.vent(T0 + 20.0)
+    assert not m.in_session
+    assert m.session_done_reason == "vented"
+    phase, _ = m.step(T0 + 60.0)
+    assert phase is Phase.VENT
+    assert m.pressures == pytest.approx(before, abs=1e-9)
+    # A repair lets the pending vent happen.
+    m.clear_faults()
+    phase, _ = m.step(T0 + 60.0 + 5 * 0.4)
+    assert max(m.pressures) < EMPTY_MMHG
+    assert phase is Phase.IDLE
+
+
+def test_broken_vent_valve_does_not_stop_a_stuck_inlet() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.stuck_valve(2)
+    m.vent_valve_broken()
+    m.start(make_program(), T0)
+    m.step(T0 + 1.0)
+    assert m.pressures[2] < 80.0
+    m.vent(T0 + 1.0)
+    phase, _ = m.step(T0 + 20.0)
+    assert phase is Phase.VENT
+    assert 120.0 < m.pressures[2] <= m.relief_limit_mmhg
+    assert m.stuck_chambers == frozenset({2})
+    # The deflate valves still work: a stop empties it (the stuck inlet only acts in session).
+    m.stop(T0 + 20.0)
+    phase, _ = m.step(T0 + 30.0)
+    assert phase is Phase.IDLE
+    assert max(m.pressures) < 0.1
+
+
+def test_broken_vent_valve_on_an_empty_boot_returns_to_idle() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.vent_valve_broken()
+    m.vent(T0 + 1.0)
+    phase, _ = m.step(T0 + 2.0)
+    assert phase is Phase.IDLE
+    assert m.vent_valve_fault
+
+
 def test_session_completes_after_duration_exactly_once() -> None:
     m = make_model(noise=0.0)
     m.step(T0)
@@ -278,7 +413,8 @@ _timing = st.builds(
 _actions = st.lists(
     st.tuples(
         st.floats(0.0, 30.0),
-        st.sampled_from(["step", "step", "step", "stop", "vent", "stuck", "start"]),
+        st.sampled_from(["step", "step", "step", "stop", "vent", "stuck", "start", "hold",
+                         "overrun", "vent_broken", "clear"]),
     ),
     min_size=1,
     max_size=40,
@@ -316,6 +452,14 @@ def test_pressures_always_within_physical_bounds(
             m.vent(t)
         elif action == "stuck":
             m.stuck_valve(seed % n)
+        elif action == "hold":
+            m.hold_valve((seed + 1) % n)
+        elif action == "overrun":
+            m.overrun()
+        elif action == "vent_broken":
+            m.vent_valve_broken()
+        elif action == "clear":
+            m.clear_faults()
         elif action == "start" and not m.in_session:
             m.start(prog, t)
         phase, measured = m.step(t)
@@ -325,4 +469,6 @@ def test_pressures_always_within_physical_bounds(
         assert (phase in (Phase.IDLE, Phase.VENT)) == (not m.in_session)
         if m.in_session:
             elapsed = m.session_elapsed(t)
-            assert elapsed is not None and elapsed < duration  # completion is never late
+            assert elapsed is not None
+            # Completion is never late, unless the session timer is faulty.
+            assert elapsed < duration or m.overrun_fault
