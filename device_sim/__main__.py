@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run simulated boots against a broker and gateway")
     r.add_argument("--boots", type=int, default=10)
     r.add_argument("--clinics", type=int, default=2)
+    r.add_argument("--clinic-prefix", default="clinic-",
+                   help="clinic ids are PREFIX1..PREFIXn; one prefix per simulator process")
     r.add_argument("--mqtt-host", default="127.0.0.1")
     r.add_argument("--mqtt-port", type=int, default=1883)
     r.add_argument("--telemetry-hz", type=float, default=2.0)
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run_fleet(args: argparse.Namespace) -> int:
     mqtt = MqttSettings(host=args.mqtt_host, port=args.mqtt_port)
-    fleet = SimFleet.make(args.boots, args.clinics, mqtt,
+    fleet = SimFleet.make(args.boots, args.clinics, mqtt, clinic_prefix=args.clinic_prefix,
                           telemetry_period_s=1.0 / args.telemetry_hz)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,13 +65,18 @@ async def _run_fleet(args: argparse.Namespace) -> int:
     async with fleet:
         log.info("fleet connected", extra={"boots": len(fleet), "broker": args.mqtt_host})
         if args.gateway_url:
-            async with httpx.AsyncClient(base_url=args.gateway_url, timeout=15) as api:
-                for key in fleet.boots:
-                    clinic, device = key.split("/")
+            sem = asyncio.Semaphore(20)  # as a busy front desk would, not one at a time
+
+            async def start(api: httpx.AsyncClient, key: str) -> None:
+                clinic, device = key.split("/")
+                async with sem:
                     r = await api.post(f"/api/v1/boots/{clinic}/{device}/session",
                                        json={"program": args.program})
-                    log.info("session start", extra={"boot": key, "status": r.status_code,
-                                                     "body": r.text[:200]})
+                log.info("session start", extra={"boot": key, "status": r.status_code,
+                                                 "body": r.text[:200]})
+
+            async with httpx.AsyncClient(base_url=args.gateway_url, timeout=30) as api:
+                await asyncio.gather(*(start(api, key) for key in fleet.boots))
         t0 = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from device_sim.boot import SimBoot
+from gateway.aio import cancel_and_wait
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,17 @@ class SimFleet:
 
     @classmethod
     def make(
-        cls, n_boots: int, clinics: int, mqtt: MqttSettings, **boot_kwargs: Any
+        cls, n_boots: int, clinics: int, mqtt: MqttSettings, *, clinic_prefix: str = "clinic-",
+        **boot_kwargs: Any,
     ) -> SimFleet:
-        """`n_boots` named boot-001.. spread round-robin over clinic-1..clinic-{clinics}."""
+        """`n_boots` named boot-001.. spread round-robin over {clinic_prefix}1..{clinics}
+        (a prefix per process keeps several simulator processes apart)."""
         if n_boots < 1 or clinics < 1:
             raise ValueError("need at least one boot and one clinic")
         width = max(3, len(str(n_boots)))
         members = [
-            (f"clinic-{i % clinics + 1}", f"boot-{i + 1:0{width}d}") for i in range(n_boots)
+            (f"{clinic_prefix}{i % clinics + 1}", f"boot-{i + 1:0{width}d}")
+            for i in range(n_boots)
         ]
         return cls(members, mqtt, **boot_kwargs)
 
@@ -96,10 +100,7 @@ class SimFleet:
 
     async def stop(self) -> None:
         """Cancel every boot (each publishes online=false and disconnects) and await them."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await cancel_and_wait(self._tasks.values())
         for key, result in zip(self._tasks, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(
                 result, asyncio.CancelledError

@@ -7,6 +7,7 @@ import logging
 
 import uvicorn
 
+from gateway.aio import cancel_and_wait
 from gateway.api import create_app
 from gateway.service import Gateway
 
@@ -29,13 +30,10 @@ async def serve(gateway: Gateway, stop: asyncio.Event | None = None) -> None:
     waiters = [gw_task, api_task]
     if stop is not None:
         waiters.append(asyncio.create_task(stop.wait(), name="stop"))
-    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
-    gw_task.cancel()
-    for t in waiters:
-        if t not in done and t is not api_task:
-            t.cancel()
-    results = await asyncio.gather(gw_task, api_task, return_exceptions=True)
+    results = await cancel_and_wait([t for t in waiters if t is not api_task])
+    results.append((await asyncio.gather(api_task, return_exceptions=True))[0])
     for r in results:
         if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError):
             log.error("gateway task failed", exc_info=r)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway import points
+from gateway.aio import cancel_and_wait
 from gateway.alarms import VENT_RESOLVED, AlarmBook
 from gateway.commands import CommandOutcome, CommandTracker, TrackedCommand, new_id
 from gateway.contract import (
@@ -147,9 +148,7 @@ class Gateway:
             self.ready.set()
             await asyncio.gather(*tasks)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             self.commands.close()
             await self.writer.close(timeout=10.0)
             log.info("gateway stopped", extra={"points_written": self.writer.stats.points_written})

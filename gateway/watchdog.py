@@ -196,7 +196,10 @@ class Watchdog:
             ))]
         if not fresh:
             return []
-        return self._over_target(watch, pressures, now) or self._sustained(watch, pressures, now)
+        # Rule 3 times inflation on the boot's own clock: differences of its timestamps are
+        # immune to clock offset and to the gateway falling behind on a burst of messages.
+        return (self._over_target(watch, pressures, now)
+                or self._sustained(watch, pressures, sample.ts, now))
 
     def _is_fresh(self, watch: BootWatch, seq: int) -> bool:
         last = watch.last_seq
@@ -249,7 +252,8 @@ class Watchdog:
             f"{targets[tripped]:g} + {tol:g} mmHg for {watch.over_target_run[tripped]} samples",
         ))]
 
-    def _sustained(self, watch: BootWatch, pressures: list[float], now: float) -> list[Outcome]:
+    def _sustained(self, watch: BootWatch, pressures: list[float], device_ts: float,
+                   now: float) -> list[Outcome]:
         limit = watch.inflation_limit_s or self.limits.max_inflation_s
         level = self.limits.inflated_level_mmhg
         worst: tuple[float, int] | None = None
@@ -259,9 +263,9 @@ class Watchdog:
                 continue
             since = watch.inflated_since[i]
             if since is None:
-                watch.inflated_since[i] = now
-            elif now - since > limit and (worst is None or now - since > worst[0]):
-                worst = (now - since, i)
+                watch.inflated_since[i] = device_ts
+            elif device_ts - since > limit and (worst is None or device_ts - since > worst[0]):
+                worst = (device_ts - since, i)
         if worst is None:
             return []
         held, i = worst

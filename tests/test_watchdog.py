@@ -40,9 +40,9 @@ def watch(device_max: float = 120, clinic: float = 100, period: float = 0.5) -> 
                      telemetry_period_s=period)
 
 
-def sample(pressures: list[float], seq: int = 0) -> Telemetry:
-    return Telemetry(seq=seq, ts=1000.0 + seq, session_id="s1", phase=Phase.HOLD,
-                     pressures=pressures)
+def sample(pressures: list[float], seq: int = 0, ts: float | None = None) -> Telemetry:
+    return Telemetry(seq=seq, ts=1000.0 + seq if ts is None else ts, session_id="s1",
+                     phase=Phase.HOLD, pressures=pressures)
 
 
 def in_session(dog: Watchdog, w: BootWatch, now: float = 0.0) -> BootWatch:
@@ -63,7 +63,8 @@ class Feed:
     def __call__(self, pressures: list[float], dt: float = 0.1) -> list:
         self.t += dt
         self.seq += 1
-        return self.dog.on_telemetry(self.w, sample(pressures, self.seq), self.t)
+        # the boot's clock runs with the gateway's, offset by a skew of 5000 s
+        return self.dog.on_telemetry(self.w, sample(pressures, self.seq, 5000 + self.t), self.t)
 
 
 # ---------------------------------------------------------------- rule 1
@@ -151,6 +152,15 @@ def test_normal_cycles_never_trip_sustained_inflation() -> None:
             assert feed(TARGETS) == []
         for _ in range(60):
             assert feed(SAFE) == []
+
+
+def test_sustained_inflation_is_timed_on_the_boot_clock() -> None:
+    """A gateway that falls behind and then catches up must not see a longer inflation."""
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    for i in range(230):  # 23 s inflated by the boot's clock ...
+        late = 10.0 if i > 100 else 0.0  # ... received up to 10 s late by the gateway
+        assert dog.on_telemetry(w, sample(TARGETS, i + 1, 1000 + i / 10), i / 10 + late) == []
 
 
 def test_absolute_inflation_cap_outside_a_session() -> None:
