@@ -107,16 +107,23 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                                    seed=1)
             async with probes:
                 total = len(probes) + sum(n_load // args.load_procs for _ in loads)
-                deadline = time.monotonic() + 120
-                while (await api.get("/health")).json()["boots"]["in_session"] < n_load:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the load fleet did not start its sessions")
+                # Wait for the load's session starts to settle (some may fail under load: the
+                # count in session is part of the report).
+                deadline = time.monotonic() + 60
+                last, stable = -1, 0
+                while time.monotonic() < deadline and stable < 6:
+                    now_in = (await api.get("/health")).json()["boots"]["in_session"]
+                    stable = stable + 1 if now_in == last else 0
+                    last = now_in
+                    if now_in >= n_load:
+                        break
                     await asyncio.sleep(0.5)
+                probe_start_failures = 0
                 for key in probes.boots:
                     clinic, device = key.split("/")
                     r = await api.post(f"/api/v1/boots/{clinic}/{device}/session",
                                        json={"program": "post_workout_recovery"})
-                    r.raise_for_status()
+                    probe_start_failures += r.status_code != 202  # rule 1 applies anyway
                 health = (await api.get("/health")).json()
                 if args.pause_influx:
                     influx.pause()
@@ -136,6 +143,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             and len(b.vents_received_at) > k, timeout=30)
                         reactions.append(
                             (boot.vents_received_at[k] - boot.spikes_published_at[k]) * 1000)
+                    # One vent per episode: the gateway re-arms once it has seen the boot safe.
+                    for boot in boots:
+                        await boot.wait_until(lambda b=boot: max(b.model.pressures) < 5,
+                                              timeout=30)
+                    await asyncio.sleep(3 / args.hz)
                 elapsed = time.monotonic() - t0
                 cpu = cpu_seconds(gw.pid) - cpu0
                 stats1 = (await api.get("/api/v1/stats")).json()
@@ -149,6 +161,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "boots": total, "telemetry_hz": args.hz,
                 "in_session": health["boots"]["in_session"],
                 "probe_boots": len(probes), "load_processes": len(loads),
+                "probe_start_failures": probe_start_failures,
+                "acks_received": stats1["messages"].get("ack", 0),
+                "safety_events_total": stats1["safety_events"],
                 "faults": len(reactions), "storage_paused": args.pause_influx,
                 "reaction_ms": {
                     "p50": round(statistics.median(reactions), 2),
