@@ -70,8 +70,12 @@ async def _run_fleet(args: argparse.Namespace) -> int:
             async def start(api: httpx.AsyncClient, key: str) -> None:
                 clinic, device = key.split("/")
                 async with sem:
-                    r = await api.post(f"/api/v1/boots/{clinic}/{device}/session",
-                                       json={"program": args.program})
+                    for _ in range(20):  # 404: the gateway has not seen the boot's state yet
+                        r = await api.post(f"/api/v1/boots/{clinic}/{device}/session",
+                                           json={"program": args.program})
+                        if r.status_code != 404:
+                            break
+                        await asyncio.sleep(0.5)
                 log.info("session start", extra={"boot": key, "status": r.status_code,
                                                  "body": r.text[:200]})
 
