@@ -137,9 +137,6 @@ class SimFleet:
     def __len__(self) -> int:
         return len(self.boots)
 
-    def by_clinic(self, clinic: str) -> list[SimBoot]:
-        return [b for b in self.boots.values() if b.clinic == clinic]
-
     @property
     def connected_count(self) -> int:
         return sum(b.connected for b in self.boots.values())

@@ -61,11 +61,6 @@ def topic(clinic: str, device: str, channel: Channel) -> str:
     return f"{TOPIC_ROOT}/{clinic}/{device}/{channel.value}"
 
 
-def subscription(channel: Channel | None = None) -> str:
-    """Wildcard filter for one channel of every boot (or all channels)."""
-    return f"{TOPIC_ROOT}/+/+/{channel.value}" if channel else f"{TOPIC_ROOT}/+/+/+"
-
-
 @dataclass(frozen=True, slots=True)
 class TopicAddress:
     clinic: str
