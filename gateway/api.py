@@ -275,6 +275,7 @@ class Stats(BaseModel):
     points_refused: int
     storage_queue: int
     mqtt_reconnects: int
+    loop_lag_max_ms: float
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -314,6 +315,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             points_written=w.points_written, points_dropped=w.points_dropped_queue_full,
             points_refused=w.points_refused, storage_queue=gateway.writer.queue_depth,
             mqtt_reconnects=gateway.link.reconnects,
+            loop_lag_max_ms=gateway.stats.loop_lag_max_ms,
         )
 
     return app

@@ -59,6 +59,10 @@ _SESSION_END = {
 }
 
 
+# An event-loop delay beyond this is the gateway's own stall (CPU starvation, a burst).
+STALL_MS = 250.0
+
+
 class UnknownBoot(LookupError):
     pass
 
@@ -80,6 +84,7 @@ class IngestStats:
     safety_events: int = 0
     vents_confirmed: int = 0
     sessions_resumed: int = 0
+    loop_lag_max_ms: float = 0.0  # worst event-loop delay seen: the gateway's own backlog
 
 
 class RateLimitedLog:
@@ -166,11 +171,24 @@ class Gateway:
 
     async def _ticker(self) -> None:
         interval = self.settings.watchdog.tick_interval_s
+        due = self.monotonic() + interval
+        silence_hold_until = 0.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, due - self.monotonic()))
             now = self.monotonic()
+            lag_ms = (now - due) * 1000
+            due = now + interval
+            if lag_ms > self.stats.loop_lag_max_ms:
+                self.stats.loop_lag_max_ms = round(lag_ms, 1)
+            if lag_ms > STALL_MS:
+                # Our own stall, not the boots': give the backlog one silence floor to drain
+                # before rule 5 judges anyone silent again.
+                silence_hold_until = now + self.settings.watchdog.telemetry_loss_floor_s
+                self._reject_log.warning("loop-lag", "gateway event loop stalled; rule 5 "
+                                         "held while the backlog drains", lag_ms=round(lag_ms, 1))
+            check_silence = now >= silence_hold_until
             for boot in list(self.fleet.boots.values()):
-                actions = self.watchdog.on_tick(boot.watch, now)
+                actions = self.watchdog.on_tick(boot.watch, now, check_silence)
                 if actions:
                     self._apply(boot, actions)
 

@@ -278,13 +278,18 @@ class Watchdog:
 
     # ------------------------------------------------------------------ rules on time
 
-    def on_tick(self, watch: BootWatch, now: float) -> list[Outcome]:
-        """Rules 8 (vent not confirmed), 5 (telemetry loss) and 4 (session overrun)."""
+    def on_tick(self, watch: BootWatch, now: float, check_silence: bool = True
+                ) -> list[Outcome]:
+        """Rules 8 (vent not confirmed), 5 (telemetry loss) and 4 (session overrun).
+
+        check_silence=False while the gateway itself is catching up after a stall of its own
+        event loop: the boots' samples are waiting in its socket, they are not missing.
+        """
         if watch.venting:
             return self._unconfirmed(watch, now)
         if not watch.in_session or not watch.online:
             return []
-        if watch.last_sample_at is not None and not watch.silence_reported:
+        if check_silence and watch.last_sample_at is not None and not watch.silence_reported:
             silent = now - watch.last_sample_at
             limit = self.silence_limit(watch)
             if silent > limit:

@@ -212,6 +212,14 @@ def test_telemetry_loss_in_session_vents_once_with_alarm() -> None:
     assert all(a.rule is not Rule.TELEMETRY_LOSS for a in dog.on_tick(w, 10.0))
 
 
+def test_telemetry_loss_is_held_while_the_gateway_catches_up() -> None:
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch(period=0.5), now=0.0)
+    dog.on_telemetry(w, sample(TARGETS), 1.0)
+    assert dog.on_tick(w, 5.0, check_silence=False) == []
+    assert [a.rule for a in dog.on_tick(w, 5.1)] == [Rule.TELEMETRY_LOSS]
+
+
 def test_telemetry_loss_limit_scales_with_period_and_has_a_floor() -> None:
     dog = Watchdog(LIMITS)
     assert dog.silence_limit(watch(period=0.1)) == 3.0
