@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.contract import SENSOR_MAX_MMHG, SENSOR_MIN_MMHG
+
 ENV_PREFIX = "BOOTGW_"
 CONFIG_FILE_ENV = "BOOTGW_CONFIG_FILE"
 
@@ -82,10 +84,11 @@ class WatchdogSettings(BaseModel):
         30.0, ge=0, le=600, description="rule 4: allowed beyond the program's duration"
     )
     plausible_min_mmhg: float = Field(
-        -10.0, ge=-20, le=0, description="rule 6: readings below this are implausible"
+        -10.0, ge=SENSOR_MIN_MMHG, le=0, description="rule 6: readings below this are implausible"
     )
     plausible_max_mmhg: float = Field(
-        250.0, gt=0, le=300, description="rule 6: readings above this are implausible"
+        250.0, gt=0, le=SENSOR_MAX_MMHG,
+        description="rule 6: readings above this are implausible"
     )
     safe_level_mmhg: float = Field(
         10.0, ge=0, le=40, description="rule 8: a vented chamber counts as safe below this"
