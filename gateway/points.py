@@ -147,3 +147,8 @@ def alarm(a: Alarm) -> Point:
         fields,
         int(a.updated_at * 1000),
     )
+
+
+def gateway_health(gateway_id: str, fields: dict[str, FieldValue], now_ms: int) -> Point:
+    """The gateway's own counters and gauges; counters are totals since the process started."""
+    return Point("gateway_health", {"gateway": gateway_id}, fields, now_ms)

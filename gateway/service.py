@@ -43,6 +43,7 @@ from gateway.contract import (
     topic,
 )
 from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
+from gateway.lineprotocol import FieldValue
 from gateway.mqtt_link import MqttLink, subscribe_options
 from gateway.programs import BootLimits, check_program
 from gateway.settings import GatewaySettings
@@ -58,6 +59,9 @@ _SESSION_END = {
     EventKind.VENTED: SessionOutcome.VENTED,
 }
 
+
+_HEALTH_CHANNELS = (Channel.TELEMETRY.value, Channel.STATE.value, Channel.EVENT.value,
+                    Channel.ACK.value)
 
 # An event-loop delay beyond this is the gateway's own stall (CPU starvation, a burst).
 STALL_MS = 250.0
@@ -147,6 +151,7 @@ class Gateway:
             asyncio.create_task(self._ticker(), name="watchdog-tick"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._prepare_storage(), name="storage-setup"),
+            asyncio.create_task(self._report_health(), name="health"),
         ]
         try:
             await self.link.connected.wait()
@@ -200,6 +205,43 @@ class Gateway:
                            interval_s=interval)
             self.link.publish_nowait(HEARTBEAT_TOPIC, hb.to_payload(), qos=0, retain=True)
             await asyncio.sleep(interval)
+
+    def health_fields(self) -> dict[str, FieldValue]:
+        """Counters (totals since start) and gauges that say whether the chain is healthy."""
+        w = self.writer.stats
+        fields: dict[str, FieldValue] = {
+            f"msgs_{kind}": self.stats.messages.get(kind, 0) for kind in _HEALTH_CHANNELS
+        }
+        fields |= {
+            "msgs_rejected": sum(self.stats.rejected.values()),
+            "points_written": w.points_written,
+            "points_dropped": w.points_dropped_queue_full,
+            "points_refused": w.points_refused,
+            "write_errors": w.write_errors,
+            "write_latency_ms": round(w.last_write_ms, 3),
+            "queue_depth": self.writer.queue_depth,
+            "spool_bytes": self.writer.spool_bytes,
+            "mqtt_connected": int(self.link.connected.is_set()),
+            "influx_connected": int(w.connected),
+            "mqtt_reconnects": self.link.reconnects,
+            "vents_sent": self.stats.vents_sent,
+            "vents_confirmed": self.stats.vents_confirmed,
+            "safety_events": self.stats.safety_events,
+            "loop_lag_max_ms": self.stats.loop_lag_max_ms,
+            "boots_online": sum(1 for b in self.fleet.boots.values() if b.online),
+            "boots_in_session": sum(
+                1 for b in self.fleet.boots.values() if b.session is not None
+                and b.session.status is SessionStatus.RUNNING),
+        }
+        return fields
+
+    async def _report_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            fields = self.health_fields()
+            self.writer.submit(points.gateway_health(self.settings.gateway_id, fields,
+                                                     self._now_ms()))
+            log.info("gateway health", extra=fields)
 
     # ------------------------------------------------------------------ ingress (hot path)
 

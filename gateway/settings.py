@@ -163,6 +163,10 @@ class GatewaySettings(BaseSettings):
     max_payload_bytes: int = Field(16_384, ge=256, le=1_048_576)
     command_ack_timeout_s: float = Field(5.0, gt=0, le=120)
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
+    health_interval_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="how often the gateway writes and logs its own health (gateway_health)",
+    )
     reject_log_interval_s: float = Field(
         60.0, gt=0, description="bad input is logged at most once per device per interval"
     )

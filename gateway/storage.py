@@ -60,6 +60,10 @@ class InfluxWriter:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def spool_bytes(self) -> int:
+        return 0
+
     def submit(self, point: Point) -> None:
         if len(self._queue) >= self.settings.queue_max_points:
             self.stats.points_dropped_queue_full += 1

@@ -77,7 +77,7 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
                      **over: Any) -> GatewaySettings:
     """Test settings: short programs allowed, fast flushes, tight silence floor."""
     return GatewaySettings(
-        gateway_id="gw-test",
+        gateway_id=over.pop("gateway_id", "gw-test"),
         mqtt=MqttSettings(host="127.0.0.1", port=mosquitto.port,
                           client_id=f"gw-{secrets.token_hex(4)}"),
         influx=over.pop("influx", None) or InfluxSettings(
