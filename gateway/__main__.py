@@ -6,10 +6,17 @@ import asyncio
 import contextlib
 import signal
 
+from gateway.gc_tuning import tune_for_latency
 from gateway.logs import setup_logging
 from gateway.server import serve
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
+
+
+async def _tune_when_ready(gateway: Gateway) -> None:
+    await gateway.ready.wait()
+    await asyncio.sleep(1.0)  # let the API server finish starting: its objects are frozen too
+    tune_for_latency(gateway.gc_pauses)
 
 
 def main() -> None:
@@ -22,7 +29,12 @@ def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        await serve(Gateway(settings), stop)
+        gateway = Gateway(settings)
+        tuning = asyncio.create_task(_tune_when_ready(gateway))
+        try:
+            await serve(gateway, stop)
+        finally:
+            tuning.cancel()
 
     asyncio.run(_run())
 

@@ -30,6 +30,22 @@ class NotConnected(RuntimeError):
     pass
 
 
+def _dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue]:
+    """aiomqtt's incoming queue, replaced by a call to `dispatch` as each message is read.
+
+    Iterating `client.messages` costs a Task and an `asyncio.wait` per message, and a backlog
+    queued there grows every garbage collection's work: at 1,000 msg/s that was the gateway's
+    largest cost. Handling the message inside the read also means a QoS 1 PUBACK leaves only
+    once the message has been handled.
+    """
+
+    class DispatchingQueue(asyncio.Queue):  # type: ignore[type-arg]
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            dispatch(item)
+
+    return DispatchingQueue
+
+
 class MqttLink:
     def __init__(
         self,
@@ -63,6 +79,7 @@ class MqttLink:
                 keepalive=s.keepalive_s,
                 timeout=10,
                 socket_options=NO_DELAY,
+                queue_type=_dispatching_queue(self._dispatch_message),
             )
             try:
                 async with client:
@@ -77,8 +94,10 @@ class MqttLink:
                         self.reconnects += 1
                     if self._on_connect:
                         self._on_connect()
+                    # Messages are handled as they are read (see _dispatching_queue); this only
+                    # waits for the connection to end, which raises MqttError.
                     async for message in client.messages:
-                        self._dispatch(str(message.topic), message.payload)
+                        self._dispatch_message(message)
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt connection lost", extra={
                     "broker": f"{s.host}:{s.port}", "error": str(exc),
@@ -89,6 +108,9 @@ class MqttLink:
             attempt += 1
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(s.reconnect_max_s, backoff * 2)
+
+    def _dispatch_message(self, message: aiomqtt.Message) -> None:
+        self._dispatch(message.topic.value, message.payload)
 
     def _dispatch(self, topic: str, payload: object) -> None:
         if isinstance(payload, str):

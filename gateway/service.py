@@ -43,6 +43,7 @@ from gateway.contract import (
     topic,
 )
 from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
+from gateway.gc_tuning import GcPauses
 from gateway.lineprotocol import FieldValue
 from gateway.mqtt_link import MqttLink, subscribe_options
 from gateway.programs import BootLimits, check_program
@@ -128,6 +129,7 @@ class Gateway:
         self.watchdog = Watchdog(settings.watchdog)
         self.writer = InfluxWriter(settings.influx)
         self.stats = IngestStats()
+        self.gc_pauses = GcPauses()  # filled once the process tunes its collector (__main__)
         self.link = MqttLink(
             settings.mqtt,
             [(f"{TOPIC_ROOT}/#", subscribe_options(1))],
@@ -228,6 +230,8 @@ class Gateway:
             "vents_confirmed": self.stats.vents_confirmed,
             "safety_events": self.stats.safety_events,
             "loop_lag_max_ms": self.stats.loop_lag_max_ms,
+            "gc_collections": self.gc_pauses.collections,
+            "gc_pause_max_ms": round(self.gc_pauses.max_ms, 3),
             "boots_online": sum(1 for b in self.fleet.boots.values() if b.online),
             "boots_in_session": sum(
                 1 for b in self.fleet.boots.values() if b.session is not None
