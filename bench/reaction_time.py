@@ -22,30 +22,15 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_seconds, rss_mb, stack  # noqa: E402
 from device_sim.fleet import SimFleet  # noqa: E402
-from device_sim.local_stack import LocalInflux, LocalMosquitto, free_port  # noqa: E402
 from gateway.settings import MqttSettings  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -64,41 +49,13 @@ def start_load(args: argparse.Namespace, mqtt_port: int, api_url: str, index: in
         return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
 
 
-def start_gateway(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("w") as log:
-        return subprocess.Popen([sys.executable, "-m", "gateway"], env=env, cwd=ROOT,
-                                stdout=log, stderr=log)
-
-
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp(prefix="bench-reaction-"))
-    mq = LocalMosquitto("mosquitto", work / "mosquitto", free_port()).start()
-    influx = LocalInflux("influxd", work / "influxdb", free_port()).start()
-    api_port = free_port()
-    env = {
-        **os.environ,
-        "BOOTGW_MQTT__PORT": str(mq.port),
-        "BOOTGW_INFLUX__URL": influx.url,
-        "BOOTGW_INFLUX__DATABASE": "bench",
-        "BOOTGW_API__PORT": str(api_port),
-        "BOOTGW_LOG_LEVEL": "WARNING",
-        "BOOTGW_CONFIG_FILE": str(work / "none.toml"),
-    }
-    gw = start_gateway(env, work / "gateway.log")
     result: dict[str, object] = {}
-    try:
-        api_url = f"http://127.0.0.1:{api_port}"
-        async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await api.get("/health")).json()["mqtt_connected"]:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("gateway did not come up; see " + str(work))
-                await asyncio.sleep(0.2)
+    loads: list[subprocess.Popen[bytes]] = []
+    async with stack("reaction") as st:
+        mq, influx, gw, api, work = st.mq, st.influx, st.gw, st.api, st.work
+        api_url = str(api.base_url).rstrip("/")
+        try:
             n_load = max(0, args.boots - args.probes)
             loads = [start_load(args, mq.port, api_url, j, n_load // args.load_procs, work)
                      for j in range(args.load_procs) if n_load // args.load_procs]
@@ -182,15 +139,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "gateway_peak_rss_mb": round(rss_mb(gw.pid), 1),
                 "vents_not_caused_by_a_fault": load_vents,
                 "gateway_loop_lag_max_ms": stats1["loop_lag_max_ms"],
+                "gateway_gc_pause_max_ms": stats1["gc_pause_max_ms"],
                 "cores": os.cpu_count(),
             }
-    finally:
-        for proc in locals().get("loads", []):
-            proc.kill()
-        gw.terminate()
-        gw.wait(60)
-        influx.stop()
-        mq.stop()
+        finally:
+            for proc in loads:
+                proc.kill()
+            if args.pause_influx:
+                influx.resume()
     return result
 
 

@@ -46,7 +46,7 @@ from gateway.contract import (
     decode,
     topic,
 )
-from gateway.mqtt_link import NO_DELAY
+from gateway.mqtt_link import NO_DELAY, without_topic_callbacks
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ class SimBoot:
 
     def _make_client(self) -> aiomqtt.Client:
         m = self.mqtt
-        return aiomqtt.Client(
+        return without_topic_callbacks(aiomqtt.Client(
             m.host,
             m.port,
             username=m.username,
@@ -383,7 +383,7 @@ class SimBoot:
             keepalive=m.keepalive_s,
             timeout=_PUBLISH_TIMEOUT_S,
             socket_options=NO_DELAY,
-        )
+        ))
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         ticker: asyncio.Task[None] | None = None

@@ -82,7 +82,7 @@ async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: L
     db = "boots"
     settings = GatewaySettings(
         mqtt=mqtt.model_copy(update={"client_id": "boot-gateway-demo"}),
-        influx=InfluxSettings(url=influx_url, database=db),
+        influx=InfluxSettings(url=influx_url, database=db, spool_dir=log_path.parent / "spool"),
         api=ApiSettings(port=free_port()),
     )
     gateway = Gateway(settings)

@@ -6,6 +6,7 @@ Used by the demo and by the pytest fixtures, so both run the real servers the sa
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -107,7 +108,10 @@ class LocalMosquitto(Server):
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
-            "max_queued_messages 100000\n"
+            # As root mosquitto drops to user 'mosquitto', which cannot write its database
+            # in our directory: sessions and retained state would not survive a restart.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "max_queued_messages 100000\n"
             "max_inflight_messages 100\n"
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"

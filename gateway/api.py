@@ -259,6 +259,7 @@ class Health(BaseModel):
     mqtt_connected: bool
     influx_connected: bool
     storage_queue: int
+    spool_points: int
     boots: dict[str, int]
 
 
@@ -274,8 +275,17 @@ class Stats(BaseModel):
     points_dropped: int
     points_refused: int
     storage_queue: int
+    storage_queue_peak: int
+    spool_points: int
+    spool_bytes: int
+    points_spooled: int
+    points_replayed: int
+    points_dropped_spool_full: int
+    write_errors: int
+    influx_connected: bool
     mqtt_reconnects: int
     loop_lag_max_ms: float
+    gc_pause_max_ms: float
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -299,7 +309,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         return Health(
             status="ok" if mqtt_ok and influx_ok else "degraded",
             mqtt_connected=mqtt_ok, influx_connected=influx_ok,
-            storage_queue=gateway.writer.queue_depth, boots=gateway.fleet.counts(),
+            storage_queue=gateway.writer.queue_depth, spool_points=gateway.writer.spool_points,
+            boots=gateway.fleet.counts(),
         )
 
     @app.get("/api/v1/stats", response_model=Stats, tags=["ops"],
@@ -314,8 +325,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             alarms_listed=len(gateway.alarms.listed()),
             points_written=w.points_written, points_dropped=w.points_dropped_queue_full,
             points_refused=w.points_refused, storage_queue=gateway.writer.queue_depth,
+            storage_queue_peak=w.queue_peak, spool_points=gateway.writer.spool_points,
+            spool_bytes=gateway.writer.spool_bytes, points_spooled=w.points_spooled,
+            points_replayed=w.points_replayed,
+            points_dropped_spool_full=w.points_dropped_spool_full,
+            write_errors=w.write_errors, influx_connected=w.connected,
             mqtt_reconnects=gateway.link.reconnects,
             loop_lag_max_ms=gateway.stats.loop_lag_max_ms,
+            gc_pause_max_ms=round(gateway.gc_pauses.max_ms, 3),
         )
 
     return app

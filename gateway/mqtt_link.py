@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -28,6 +28,33 @@ NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 class NotConnected(RuntimeError):
     pass
+
+
+class _NoTopicCallbacks:
+    """Stands in for paho's per-topic callback matcher, which this project never uses.
+
+    paho looks every received message up in it, and its lookup builds a self-referencing
+    closure each time: about six objects of cyclic garbage per message, which only the
+    cyclic collector frees. At 1,000 msg/s those collections paused the loop for ~30 ms.
+    """
+
+    def iter_match(self, topic: str) -> Iterator[object]:
+        return iter(())
+
+
+def without_topic_callbacks(client: aiomqtt.Client) -> aiomqtt.Client:
+    """Make `client` leave no cyclic garbage per received message (see _NoTopicCallbacks)."""
+    paho = client._client  # aiomqtt exposes no hook for this
+    if hasattr(paho, "_on_message_filtered"):
+        paho._on_message_filtered = _NoTopicCallbacks()
+    return client
+
+
+def _connect_properties(session_expiry_s: int) -> Properties:
+    """Session expiry: what the broker queued for us while we were away survives a restart."""
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    return props
 
 
 def _dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue]:
@@ -70,7 +97,7 @@ class MqttLink:
         backoff = s.reconnect_min_s
         attempt = 0
         while True:
-            client = aiomqtt.Client(
+            client = without_topic_callbacks(aiomqtt.Client(
                 s.host, s.port,
                 username=s.username,
                 password=s.password.get_secret_value() if s.password else None,
@@ -80,7 +107,9 @@ class MqttLink:
                 timeout=10,
                 socket_options=NO_DELAY,
                 queue_type=_dispatching_queue(self._dispatch_message),
-            )
+                clean_start=s.session_expiry_s == 0,
+                properties=_connect_properties(s.session_expiry_s),
+            ))
             try:
                 async with client:
                     for topic, options in self._subscriptions:
@@ -88,7 +117,8 @@ class MqttLink:
                     self._client = client
                     self.connected.set()
                     log.info("mqtt connected", extra={
-                        "broker": f"{s.host}:{s.port}", "attempt": attempt})
+                        "broker": f"{s.host}:{s.port}", "attempt": attempt,
+                        "session_expiry_s": s.session_expiry_s})
                     backoff = s.reconnect_min_s
                     if attempt:
                         self.reconnects += 1

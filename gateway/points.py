@@ -15,10 +15,12 @@ from gateway.lineprotocol import FieldValue, Point
 from gateway.watchdog import RULE_NUMBER, SafetyAction, VentConfirmed
 
 
-def telemetry(addr: TopicAddress, sample: Telemetry) -> Point:
+def telemetry(addr: TopicAddress, sample: Telemetry,
+              targets: list[float] | None = None) -> Point:
     """Stamped with the boot's own time, so a replayed sample overwrites itself.
 
     Non-finite readings cannot be stored as floats: they are kept as text in `bad_values`.
+    `targets` (the running program's per-chamber targets) let a panel draw pressure vs target.
     """
     fields: dict[str, FieldValue] = {}
     bad = []
@@ -35,6 +37,10 @@ def telemetry(addr: TopicAddress, sample: Telemetry) -> Point:
     fields["seq"] = sample.seq
     if sample.session_id:
         fields["session_id"] = sample.session_id
+    if sample.session_elapsed_s is not None:
+        fields["session_elapsed_s"] = float(sample.session_elapsed_s)
+    for i, target in enumerate(targets or (), 1):
+        fields[f"target_p{i}"] = float(target)
     return Point(
         "telemetry",
         {"clinic": addr.clinic, "device": addr.device, "phase": sample.phase.value},
@@ -110,13 +116,14 @@ def boot_state(boot: Boot, now_ms: int) -> Point:
 
 
 def boot_event(addr: TopicAddress, event: BootEvent, now_ms: int) -> Point:
-    fields: dict[str, FieldValue] = {"device_ts": float(event.ts)}
+    """Stamped with the boot's own time: a redelivered event (QoS 1) overwrites itself."""
+    fields: dict[str, FieldValue] = {"device_ts": float(event.ts), "received_ms": now_ms}
     if event.session_id:
         fields["session_id"] = event.session_id
     if event.detail:
         fields["detail"] = event.detail
     return Point("boot_event", {"clinic": addr.clinic, "device": addr.device,
-                                "kind": event.kind.value}, fields, now_ms)
+                                "kind": event.kind.value}, fields, int(event.ts * 1000))
 
 
 def device_fault(addr: TopicAddress, kind: str, reason: str, now_ms: int) -> Point:

@@ -217,7 +217,9 @@ class Gateway:
         fields |= {
             "msgs_rejected": sum(self.stats.rejected.values()),
             "points_written": w.points_written,
-            "points_dropped": w.points_dropped_queue_full,
+            "points_dropped": w.points_dropped_queue_full + w.points_dropped_spool_full,
+            "points_spooled": w.points_spooled,
+            "points_replayed": w.points_replayed,
             "points_refused": w.points_refused,
             "write_errors": w.write_errors,
             "write_latency_ms": round(w.last_write_ms, 3),
@@ -330,6 +332,7 @@ class Gateway:
         self.watchdog.start_session(boot.watch, session_id, program, self.monotonic(),
                                     elapsed_s or 0.0)
         self.stats.sessions_resumed += 1
+        self.writer.submit(points.session(boot, boot.session, "resumed", self._now_ms()))
         log.warning("session resumed", extra={
             "device": boot.key, "session_id": session_id,
             "program": program.name if program else None, "elapsed_s": elapsed_s})
@@ -362,7 +365,11 @@ class Gateway:
         actions = self.watchdog.on_telemetry(boot.watch, sample, self.monotonic())
         if actions:
             self._apply(boot, actions)
-        self.writer.submit(points.telemetry(addr, sample))
+        session = boot.session
+        targets = (session.program.targets_mmhg if session is not None
+                   and session.program is not None and sample.session_id == session.session_id
+                   else None)
+        self.writer.submit(points.telemetry(addr, sample, targets))
 
     def _on_event(self, addr: TopicAddress, event: BootEvent) -> None:
         boot = self.fleet.get(addr.clinic, addr.device)

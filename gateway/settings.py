@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
@@ -34,6 +35,11 @@ class MqttSettings(BaseModel):
     keepalive_s: int = Field(30, ge=5, le=3600)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    session_expiry_s: int = Field(
+        3600, ge=0, le=7 * 86400, description="persistent session: the broker keeps the "
+        "gateway's subscriptions and queues QoS 1 messages for this long while it is away "
+        "(restart, crash); 0 starts clean every time",
+    )
 
 
 class InfluxSettings(BaseModel):
@@ -46,9 +52,20 @@ class InfluxSettings(BaseModel):
     create_database: bool = Field(True, description="issue CREATE DATABASE at start (1.x only)")
     batch_size: int = Field(5000, ge=1, le=100_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
-    queue_max_points: int = Field(500_000, ge=1000)
+    queue_max_points: int = Field(
+        500_000, ge=100, description="points held in memory; past it the oldest go to the spool"
+    )
     timeout_s: float = Field(10.0, gt=0)
-    retry_max_s: float = Field(30.0, gt=0)
+    retry_min_s: float = Field(0.2, gt=0, description="first retry delay after a failed write")
+    retry_max_s: float = Field(30.0, gt=0, description="retry delay cap (exponential, jittered)")
+    spool_dir: Path | None = Field(
+        Path("spool"), description="disk spool for batches InfluxDB could not take; unset: none"
+    )
+    spool_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="spool cap; past it new telemetry is refused (counted) "
+        "while safety records keep a 5 % reserve",
+    )
+    spool_fsync: bool = Field(False, description="fsync each spooled batch (power-loss safe)")
 
 
 class WatchdogSettings(BaseModel):

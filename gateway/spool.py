@@ -31,6 +31,7 @@ per append and per commit. Memory: an index entry (~100 bytes) per pending batch
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -53,7 +54,12 @@ _FLAG_PRIORITY = 0x01
 _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 _CURSOR = "cursor"
 _CURSOR_TMP = "cursor.tmp"
+_LOCK = "lock"
 _LOG_EVERY = 1000
+
+
+class SpoolLocked(RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,13 @@ class DiskSpool:
         self._refused_logged = {False: 0, True: 0}
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
+        # One process per spool: a second gateway on the same directory would interleave.
+        self._lockfile = (self.directory / _LOCK).open("a")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lockfile.close()
+            raise SpoolLocked(f"spool {self.directory} is in use by another process") from None
         self._recover()
 
     @property
@@ -223,6 +236,8 @@ class DiskSpool:
                 self._wfile.close()
                 self._wfile = None
             self._close_reader()
+            if not self._lockfile.closed:
+                self._lockfile.close()  # releases the flock
             self._closed = True
 
     # -- internals ------------------------------------------------------------------------

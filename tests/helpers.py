@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import secrets
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -81,7 +86,8 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
         mqtt=MqttSettings(host="127.0.0.1", port=mosquitto.port,
                           client_id=f"gw-{secrets.token_hex(4)}"),
         influx=over.pop("influx", None) or InfluxSettings(
-            url=server.url, database=db or f"t_{secrets.token_hex(4)}", flush_interval_s=0.1),
+            url=server.url, database=db or f"t_{secrets.token_hex(4)}", flush_interval_s=0.1,
+            spool_dir=Path(tempfile.mkdtemp(prefix="gw-spool-"))),
         api=ApiSettings(port=free_port()),
         programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, start_expiry_s=5),
         watchdog=over.pop("watchdog", WatchdogSettings(telemetry_loss_floor_s=1.0)),
@@ -118,3 +124,18 @@ async def running_gateway(settings: GatewaySettings, influx: LocalInflux,
         stop.set()
         async with asyncio.timeout(20):  # a gateway that cannot shut down fails the test
             await task
+
+
+GRAFANA_GENERATOR = Path(__file__).resolve().parent.parent / "grafana" / "generate.py"
+
+
+def grafana_generator() -> ModuleType:
+    """grafana/generate.py, imported by path: grafana/ is mounted into Grafana, not a package."""
+    if "grafana_generate" in sys.modules:
+        return sys.modules["grafana_generate"]
+    spec = importlib.util.spec_from_file_location("grafana_generate", GRAFANA_GENERATOR)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grafana_generate"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

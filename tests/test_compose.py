@@ -19,6 +19,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from device_sim.__main__ import _parser
 from gateway.settings import CONFIG_FILE_ENV, ENV_PREFIX, GatewaySettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,3 +398,143 @@ def test_interpolation_helper(raw, expected):
 def test_interpolation_helper_fails_on_a_required_variable():
     with pytest.raises(AssertionError):
         _interpolate("${NOPE:?set it}", {})
+
+
+# ---------------------------------------------------------------- the whole stack (issue 7)
+
+
+def _named_volumes(service: dict) -> list[tuple[str, str]]:
+    """(volume name, container path) of the named volumes a service mounts."""
+    out = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            if entry.get("type") == "volume":
+                out.append((str(entry["source"]), str(entry["target"])))
+            continue
+        source, _, rest = str(entry).partition(":")
+        if not source.startswith((".", "/", "~")):
+            out.append((source, rest.split(":")[0]))
+    return out
+
+
+def _mount_target(service_name: str, host_path: Path) -> str:
+    targets = [t for s, src, t in _bind_mounts()
+               if s == service_name and (ROOT / src).resolve() == host_path.resolve()]
+    assert len(targets) == 1, f"{service_name} does not mount {host_path.relative_to(ROOT)}"
+    return targets[0]
+
+
+def _duration_s(value: str) -> float:
+    m = re.fullmatch(r"(\d+)(s|m)", value)
+    assert m, value
+    return int(m[1]) * (60 if m[2] == "m" else 1)
+
+
+def test_grafana_mounts_datasource_dashboard_and_alert_provisioning():
+    provisioning = _mount_target("grafana", ROOT / "grafana" / "provisioning")
+    assert provisioning == "/etc/grafana/provisioning"
+    for kind in ("datasources", "dashboards", "alerting"):
+        assert sorted((ROOT / "grafana" / "provisioning" / kind).glob("*.yaml")), kind
+    dashboards = _mount_target("grafana", DASHBOARDS_DIR)
+    env = _environment(_service("grafana"))
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards + "/")
+    assert (DASHBOARDS_DIR / home.removeprefix(dashboards + "/")).is_file()
+    # read-only: the generator in the repo is the only writer
+    assert all(str(v).endswith(":ro") for v in _service("grafana")["volumes"]
+               if str(v).startswith("./"))
+
+
+def test_grafana_image_is_pinned():
+    image = _service("grafana")["image"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", image), image
+
+
+def test_influxdb_is_initialised_for_the_v1_api_the_gateway_and_grafana_use():
+    env = _environment(_service("influxdb"))
+    assert env["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
+    for key in ("ORG", "BUCKET", "USERNAME", "PASSWORD", "ADMIN_TOKEN", "RETENTION"):
+        assert env[f"DOCKER_INFLUXDB_INIT_{key}"], key
+    database = _gateway_env()["BOOTGW_INFLUX__DATABASE"]
+    assert env["INFLUX_V1_DATABASE"] == database
+    initdb = _mount_target("influxdb", ROOT / "deploy" / "influxdb")
+    assert initdb == "/docker-entrypoint-initdb.d"
+    scripts = sorted((ROOT / "deploy" / "influxdb").glob("*.sh"))
+    assert scripts and all(os.access(p, os.X_OK) for p in scripts), "init scripts not executable"
+    text = "".join(p.read_text() for p in scripts)
+    assert "influx v1 dbrp create" in text
+    for var in ("INFLUX_V1_DATABASE", "INFLUX_V1_RETENTION_POLICY",
+                "DOCKER_INFLUXDB_INIT_BUCKET_ID", "DOCKER_INFLUXDB_INIT_ORG"):
+        assert var in text, var
+    assert "--default" in text, "the mapping must be the default for its database"
+
+
+def test_every_service_gets_the_same_influx_token_variable():
+    uses = {
+        "influxdb": _environment(_service("influxdb"))["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"],
+        "gateway": _gateway_env()["BOOTGW_INFLUX__TOKEN"],
+        "grafana": _environment(_service("grafana"))["INFLUX_TOKEN"],
+    }
+    names = {s: {m["braced"] or m["bare"] for m in _VAR_RE.finditer(v)} for s, v in uses.items()}
+    assert all(n == {"INFLUX_TOKEN"} for n in names.values()), names
+
+
+def test_services_reach_each_other_by_service_name_and_port():
+    services = _load_compose()["services"]
+    env = _gateway_env()
+    assert env["BOOTGW_MQTT__HOST"] in services
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    listeners = {int(p) for p in re.findall(r"^listener\s+(\d+)", conf, re.M)}
+    assert int(env["BOOTGW_MQTT__PORT"]) in listeners
+    influx = urlsplit(env["BOOTGW_INFLUX__URL"])
+    assert influx.hostname in services
+    assert influx.port in {t for _, t in _port_pairs(services[influx.hostname])}
+    for path in sorted(DATASOURCES_DIR.glob("*.y*ml")):
+        for ds in yaml.safe_load(path.read_text())["datasources"]:
+            url = urlsplit(ds["url"])
+            assert (url.hostname, url.port) == (influx.hostname, influx.port), ds["url"]
+
+
+def test_device_sim_runs_a_small_clinic_against_the_stack():
+    sim = _service("device_sim")
+    args = _parser().parse_args(sim["command"][3:])
+    assert sim["command"][:3] == ["python", "-m", "device_sim"]
+    assert args.command == "run" and args.boots >= 2 and args.clinics >= 2
+    services = _load_compose()["services"]
+    assert args.mqtt_host == _gateway_env()["BOOTGW_MQTT__HOST"] and args.mqtt_host in services
+    assert args.mqtt_port == int(_gateway_env()["BOOTGW_MQTT__PORT"])
+    api = urlsplit(args.gateway_url)
+    assert api.hostname == "gateway" and api.port == int(_gateway_env()["BOOTGW_API__PORT"])
+    assert sim["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+
+def test_dependencies_wait_for_health_checks():
+    services = _load_compose()["services"]
+    for name, service in services.items():
+        if name != "device_sim":
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+        for dep, cond in (service.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            if cond.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits on {dep}'s health"
+    assert set(services["gateway"]["depends_on"]) == {"mosquitto", "influxdb"}
+    assert "influxdb" in services["grafana"]["depends_on"]
+
+
+def test_named_volumes_are_declared_and_used():
+    compose = _load_compose()
+    declared = set(compose.get("volumes") or {})
+    used = {v for s in compose["services"].values() for v, _ in _named_volumes(s)}
+    assert used == declared, f"declared {sorted(declared)}, used {sorted(used)}"
+    for name in ("mosquitto", "influxdb", "grafana", "gateway"):
+        assert _named_volumes(compose["services"][name]), f"{name} keeps no data"
+
+
+def test_gateway_works_in_its_volume_and_has_time_to_flush_on_stop():
+    gateway = _service("gateway")
+    targets = {t for _, t in _named_volumes(gateway)}
+    assert gateway["working_dir"] in targets, "relative paths (spool, bootgw.toml) must persist"
+    # Gateway.run closes storage with a 10 s timeout; docker's default is 10 s, then SIGKILL.
+    assert _duration_s(gateway["stop_grace_period"]) >= 15
+    assert float(_gateway_env()["BOOTGW_HEALTH_INTERVAL_S"]) <= 60, (
+        "the 'No gateway health data' alert expects a report at least every minute")

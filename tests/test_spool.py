@@ -12,8 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.spool import HEADER_SIZE, DiskSpool, SpooledBatch
+from gateway.spool import HEADER_SIZE, DiskSpool, SpooledBatch, SpoolLocked
 
+
+def release_lock_as_on_exit(spool: DiskSpool) -> None:
+    """What the OS does for a killed process: its file descriptors, and so its lock, go."""
+    spool._lockfile.close()
 
 def lp(i: int, lines: int = 3) -> bytes:
     return b"\n".join(b"pressure,boot=b%03d mmhg=%di %d" % (i, j, 1000 + j) for j in range(lines))
@@ -83,9 +87,18 @@ def test_restart_after_kill_without_close(tmp_path: Path) -> None:
     for i in range(3):
         spool.append(lp(i), 3)
     spool.commit(spool.peek())  # type: ignore[arg-type]
+    release_lock_as_on_exit(spool)
     again = DiskSpool(tmp_path, 100_000)  # the first one was never closed
     assert [b.body for b in drain(again)] == [lp(1), lp(2)]
     spool.close()
+
+
+def test_second_process_on_the_same_spool_is_refused(tmp_path: Path) -> None:
+    spool = DiskSpool(tmp_path, 100_000)
+    with pytest.raises(SpoolLocked):
+        DiskSpool(tmp_path, 100_000)
+    spool.close()
+    DiskSpool(tmp_path, 100_000).close()  # free again once closed
 
 
 def test_consumed_segments_are_deleted(tmp_path: Path) -> None:
@@ -370,6 +383,8 @@ def test_spool_matches_in_memory_model(ops: list[tuple]) -> None:
             elif o[0] in ("reopen", "kill"):
                 if o[0] == "reopen":
                     spool.close()
+                else:
+                    release_lock_as_on_exit(spool)
                 old, spool = spool, open_spool()
                 old.close()  # after a "kill" this only releases descriptors
                 refused = 0

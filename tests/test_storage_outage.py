@@ -3,6 +3,8 @@ and the safety events land once it is back."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from device_sim.fleet import SimFleet
@@ -22,10 +24,11 @@ async def reaction_s(boot, chamber: int = 0, value: float = 150.0) -> float:
 
 
 async def test_vents_do_not_wait_for_a_paused_or_dead_influxdb(
-    mosquitto: LocalMosquitto, own_influx: LocalInflux
+    mosquitto: LocalMosquitto, own_influx: LocalInflux, tmp_path: Path
 ) -> None:
     influx_settings = InfluxSettings(url=own_influx.url, database="outage", flush_interval_s=0.1,
-                                     timeout_s=2.0, retry_max_s=1.0)
+                                     timeout_s=2.0, retry_max_s=1.0,
+                                     spool_dir=tmp_path / "spool")
     settings = gateway_settings(mosquitto, own_influx, influx=influx_settings)
     async with running_gateway(settings, own_influx) as gw:
         clinic = gw.clinic()
@@ -45,7 +48,7 @@ async def test_vents_do_not_wait_for_a_paused_or_dead_influxdb(
 
             own_influx.pause()  # SIGSTOP: writes hang until the client times out
             paused = await reaction_s(boots[1])
-            assert gw.gw.writer.queue_depth > 0
+            assert gw.gw.writer.queue_depth + gw.gw.writer.spool_points > 0
             own_influx.resume()
 
             own_influx.kill()  # SIGKILL: writes are refused
