@@ -30,7 +30,34 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_seconds, rss_mb, stack  # noqa: E402
 from device_sim.fleet import SimFleet  # noqa: E402
+from device_sim.local_stack import LocalInflux  # noqa: E402
 from gateway.settings import MqttSettings  # noqa: E402
+
+
+async def _split_at_decision(influx: LocalInflux, probes: SimFleet,
+                             faults: list[tuple[str, int]]) -> tuple[dict, dict]:
+    """Where the reaction time goes: before or after the gateway decided to vent."""
+    decided: dict[str, list[float]] = {}
+    for _ in range(40):  # the safety events reach InfluxDB within a flush or two
+        series = influx.query("bench", "SELECT value FROM safety_event WHERE "
+                                       "rule = 'hard_ceiling' GROUP BY device")
+        decided = {s["tags"]["device"]: [v[0] / 1000 for v in s["values"]] for s in series}
+        if sum(len(v) for v in decided.values()) >= len(faults):
+            break
+        await asyncio.sleep(0.5)
+    boots = {b.device: b for b in probes.boots.values()}
+    before, after = [], []
+    for device, k in faults:
+        times = decided.get(device, [])
+        if k < len(times):
+            before.append((times[k] - boots[device].spikes_published_at[k]) * 1000)
+            after.append((boots[device].vents_received_at[k] - times[k]) * 1000)
+    def summary(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {}
+        return {"p50": round(statistics.median(values), 2),
+                "p99": round(percentile(values, 99), 2), "max": round(max(values), 2)}
+    return summary(before), summary(after)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,8 +113,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     influx.pause()
                 await asyncio.sleep(2.0)  # every boot in its cycle
                 cpu0, t0 = cpu_seconds(gw.pid), time.monotonic()
+                others = {"mosquitto": [mq.proc.pid], "influxd": [influx.proc.pid],
+                          "load_simulators": [p.pid for p in loads], "probes": [os.getpid()]}
+                others0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in others.items()}
                 stats0 = (await api.get("/api/v1/stats")).json()["messages"].get("telemetry", 0)
                 reactions: list[float] = []
+                faults: list[tuple[str, int]] = []  # (probe device, fault index) per reaction
                 missed = 0
                 boots = list(probes.boots.values())
                 rounds = -(-args.faults // len(boots))
@@ -105,6 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                             continue
                         reactions.append(
                             (boot.vents_received_at[k] - boot.spikes_published_at[k]) * 1000)
+                        faults.append((boot.device, k))
                     # One vent per episode: the gateway re-arms once it has seen the boot safe.
                     for boot in boots:
                         await boot.wait_until(lambda b=boot: max(b.model.pressures) < 5,
@@ -112,10 +144,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     await asyncio.sleep(3 / args.hz)
                 elapsed = time.monotonic() - t0
                 cpu = cpu_seconds(gw.pid) - cpu0
+                other_cpu = {k: sum(cpu_seconds(p) for p in pids) - others0[k]
+                             for k, pids in others.items()}
                 stats1 = (await api.get("/api/v1/stats")).json()
                 msg_rate = (stats1["messages"].get("telemetry", 0) - stats0) / elapsed
                 if args.pause_influx:
                     influx.resume()
+                split = await _split_at_decision(influx, probes, faults)
             for proc in loads:
                 proc.terminate()
             load_vents = stats1["vents_sent"] - len(reactions) - missed
@@ -128,6 +163,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "safety_events_total": stats1["safety_events"],
                 "faults": len(reactions) + missed, "faults_without_vent_in_10s": missed,
                 "storage_paused": args.pause_influx,
+                # publish -> the gateway's decision (its safety_event time, ms resolution),
+                # and decision -> the boot's receipt of the vent.
+                "to_decision_ms": split[0], "decision_to_vent_ms": split[1],
                 "reaction_ms": {
                     "p50": round(statistics.median(reactions), 2),
                     "p99": round(percentile(reactions, 99), 2),
@@ -136,6 +174,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 },
                 "telemetry_msgs_per_s": round(msg_rate, 1),
                 "gateway_cpu_percent": round(100 * cpu / elapsed, 1),
+                # Who else wants the 2 cores during the faults (100 % = one core).
+                "other_cpu_percent": {k: round(100 * v / elapsed, 1)
+                                      for k, v in other_cpu.items()},
                 "gateway_peak_rss_mb": round(rss_mb(gw.pid), 1),
                 "vents_not_caused_by_a_fault": load_vents,
                 "gateway_loop_lag_max_ms": stats1["loop_lag_max_ms"],

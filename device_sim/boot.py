@@ -122,7 +122,8 @@ class SimBoot:
         self.heartbeat_interval_s: float | None = None
         self.heartbeats_received = 0
         self.self_vents = 0
-        self.model = BootModel(chambers, max_pressure_mmhg, rng=random.Random(seed))
+        self._rng = random.Random(seed)
+        self.model = BootModel(chambers, max_pressure_mmhg, rng=self._rng)
         self._topics = {ch: topic(clinic, device, ch) for ch in Channel}
 
         # Session bookkeeping.
@@ -466,6 +467,8 @@ class SimBoot:
 
     async def _telemetry_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        # Real boots are not in step: a random phase keeps a fleet from sampling in unison.
+        await asyncio.sleep(self._rng.uniform(0, self.telemetry_period_s))
         next_at = loop.time()
         while True:
             await self._tick()

@@ -8,6 +8,7 @@ would fail a whole batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,10 +20,13 @@ class PointError(ValueError):
     """A point that cannot be encoded."""
 
 
+# Keys, measurements and tag values repeat (a few names, one id per boot): escape each once.
+@functools.lru_cache(maxsize=65_536)
 def _escape_measurement(s: str) -> str:
     return s.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ")
 
 
+@functools.lru_cache(maxsize=65_536)
 def _escape_key(s: str) -> str:
     return (
         s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")

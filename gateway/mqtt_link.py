@@ -7,6 +7,7 @@ Publishing never waits on the receive loop, so a vent goes out while messages ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -166,6 +167,31 @@ class MqttLink:
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = max(1, int(expiry_s))
         await client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def publish_urgent(self, topic: str, payload: bytes, qos: int) -> bool:
+        """Queue the packet in paho now and write it at the very next loop turn.
+
+        For vents: publish_nowait's task, paho's write registration and a select each cost a
+        loop turn, and each turn may first handle a batch of incoming messages. Here the
+        bytes leave ahead of all that. The PUBACK is not awaited (the boot's ack is).
+        """
+        client = self._client
+        if client is None:
+            raise NotConnected("not connected to the broker")
+        paho = client._client
+        info = paho.publish(topic, payload, qos, False)
+        if info.rc != 0:
+            log.error("publish failed", extra={"topic": topic, "rc": info.rc})
+            return False
+        # Not from here: this may run inside paho's on_message, which holds a lock that a
+        # write can need.
+        asyncio.get_running_loop().call_soon(self._write_now, paho)
+        return True
+
+    @staticmethod
+    def _write_now(paho: object) -> None:
+        with contextlib.suppress(Exception):  # a broken socket is the reader's to report
+            paho.loop_write()  # type: ignore[attr-defined]
 
     def publish_nowait(
         self, topic: str, payload: bytes, qos: int, retain: bool = False,

@@ -45,7 +45,7 @@ from gateway.contract import (
 from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
 from gateway.gc_tuning import GcPauses
 from gateway.lineprotocol import FieldValue
-from gateway.mqtt_link import MqttLink, subscribe_options
+from gateway.mqtt_link import MqttLink, NotConnected, subscribe_options
 from gateway.programs import BootLimits, check_program
 from gateway.settings import GatewaySettings
 from gateway.storage import InfluxWriter
@@ -505,12 +505,17 @@ class Gateway:
         return tracked
 
     def _send(self, boot: Boot, kind: CommandKind, reason: str | None = None) -> TrackedCommand:
-        """Publish a command without waiting for the broker (safety path)."""
+        """Publish a safety command (vent, stop) now, without waiting for the broker."""
         session_id = boot.session.session_id if boot.session else None
         cmd = Command(cmd_id=new_id(kind.value[0]), kind=kind, issued_at=self.clock(),
                       session_id=session_id, reason=reason[:500] if reason else None)
-        self.link.publish_nowait(topic(boot.clinic, boot.device, Channel.CMD), cmd.to_payload(),
-                                 qos=CHANNEL_QOS[Channel.CMD])
+        try:
+            self.link.publish_urgent(topic(boot.clinic, boot.device, Channel.CMD),
+                                     cmd.to_payload(), qos=CHANNEL_QOS[Channel.CMD])
+        except NotConnected:
+            # Tracked all the same: no ack in time counts as failed, and rule 8 re-sends.
+            log.error("command not sent: no broker", extra={"device": boot.key,
+                                                             "kind": kind.value})
         return self._track(boot, cmd)
 
     def _track(self, boot: Boot, cmd: Command) -> TrackedCommand:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from gateway.lineprotocol import Point, encode_batch
+from gateway.lineprotocol import Point, PointError
 from gateway.settings import InfluxSettings
 from gateway.spool import DiskSpool
 
@@ -101,8 +101,11 @@ class InfluxWriter:
             base_url=settings.url, headers=headers, timeout=settings.timeout_s
         )
         self.spool = spool  # opened by start() from the settings unless given
-        self._queue: deque[Point] = deque()
-        self._in_flight: list[bytes] = []  # lines popped from the queue, not yet written
+        # Points are encoded as they arrive, so no batch's encoding stalls the event loop;
+        # safety records wait apart so a batch and the spool can put them first.
+        self._queue: deque[bytes] = deque()
+        self._pqueue: deque[bytes] = deque()
+        self._in_flight: list[bytes] = []  # lines taken from the queues, not yet written
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -121,7 +124,7 @@ class InfluxWriter:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._pqueue)
 
     @property
     def spool_bytes(self) -> int:
@@ -132,16 +135,28 @@ class InfluxWriter:
         return self.spool.pending_points if self.spool is not None else 0
 
     @property
+    def backlog(self) -> int:
+        """Points accepted and not yet in InfluxDB: in memory, being written, or spooled."""
+        return self.queue_depth + len(self._in_flight) + self.spool_points
+
+    @property
     def in_outage(self) -> bool:
         return self._outage
 
     def _pending(self) -> bool:
-        return bool(self._queue or self._in_flight or self.spool_points)
+        return bool(self._queue or self._pqueue or self._in_flight or self.spool_points)
 
     # ------------------------------------------------------------------ ingress
 
     def submit(self, point: Point) -> None:
-        if len(self._queue) >= self.settings.queue_max_points:
+        try:
+            line = point.encode().encode()
+        except PointError as exc:
+            self.stats.points_refused += 1
+            log.error("point refused before write", extra={
+                "measurement": point.measurement, "tags": dict(point.tags), "reason": str(exc)})
+            return
+        if self.queue_depth >= self.settings.queue_max_points:
             if self.spool is None:
                 self.stats.points_dropped_queue_full += 1
                 if self.stats.points_dropped_queue_full % 1000 == 1:
@@ -150,39 +165,26 @@ class InfluxWriter:
                         "queue_max": self.settings.queue_max_points})
                 return
             # InfluxDB is slower than ingest: the oldest points move to disk.
-            self._spill(self._take(self.settings.batch_size))
-        self._queue.append(point)
+            self._spill(*self._take(self.settings.batch_size))
+        (self._pqueue if point.measurement in PRIORITY_MEASUREMENTS else self._queue).append(line)
         self.stats.points_queued += 1
-        if len(self._queue) > self.stats.queue_peak:
-            self.stats.queue_peak = len(self._queue)
+        depth = self.queue_depth
+        if depth > self.stats.queue_peak:
+            self.stats.queue_peak = depth
         self._idle.clear()
-        if len(self._queue) >= self.settings.batch_size:
+        if depth >= self.settings.batch_size:
             self._wake.set()
 
-    def _take(self, n: int) -> list[Point]:
-        n = min(n, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)]
-
-    def _encode(self, batch: list[Point]) -> tuple[list[bytes], list[bytes]]:
-        """Lines of a batch as (priority, normal); unencodable points are refused and logged."""
-        body, refused = encode_batch(batch)
-        for point, reason in refused:
-            self.stats.points_refused += 1
-            log.error("point refused before write", extra={
-                "measurement": point.measurement, "tags": dict(point.tags), "reason": reason})
-        if not refused and not any(p.measurement in PRIORITY_MEASUREMENTS for p in batch):
-            return [], body.split(b"\n") if body else []
-        priority, normal = [], []
-        ok = [p for p in batch if not any(p is r for r, _ in refused)] if refused else batch
-        for point, line in zip(ok, body.split(b"\n") if body else [], strict=True):
-            (priority if point.measurement in PRIORITY_MEASUREMENTS else normal).append(line)
+    def _take(self, n: int) -> tuple[list[bytes], list[bytes]]:
+        """Up to n lines, safety records first: (priority, normal)."""
+        priority = [self._pqueue.popleft() for _ in range(min(n, len(self._pqueue)))]
+        n -= len(priority)
+        normal = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
         return priority, normal
 
-    def _spill(self, batch: list[Point]) -> None:
-        if batch:
-            priority, normal = self._encode(batch)
-            self._spill_lines(priority, priority=True)
-            self._spill_lines(normal, priority=False)
+    def _spill(self, priority: list[bytes], normal: list[bytes]) -> None:
+        self._spill_lines(priority, priority=True)
+        self._spill_lines(normal, priority=False)
 
     def _spill_lines(self, lines: list[bytes], *, priority: bool) -> None:
         if not lines:
@@ -218,29 +220,29 @@ class InfluxWriter:
 
     async def _run(self) -> None:
         while True:
-            if not (self._queue or self._in_flight):
+            if not (self.queue_depth or self._in_flight):
                 self._memory_empty.set()
             if not self._pending():
                 self._idle.set()
             await self._wait_due()
             self._wake.clear()
             now = time.monotonic()
-            due_live = self._queue and (
-                len(self._queue) >= self.settings.batch_size
+            due_live = self.queue_depth and (
+                self.queue_depth >= self.settings.batch_size
                 or now - self._last_flush >= self.settings.flush_interval_s
             )
             if due_live:
                 self._last_flush = now
-                await self._write_live(self._take(self.settings.batch_size))
+                await self._write_live(*self._take(self.settings.batch_size))
             if self.spool_points and now >= self._next_try:
                 await self._replay_one()
 
     async def _wait_due(self) -> None:
         now = time.monotonic()
-        if len(self._queue) >= self.settings.batch_size:
+        if self.queue_depth >= self.settings.batch_size:
             return
         timeout = self.settings.flush_interval_s - (now - self._last_flush)
-        if not self._queue:
+        if not self.queue_depth:
             timeout = self.settings.flush_interval_s
         if self.spool_points:
             timeout = min(timeout, max(0.0, self._next_try - now))
@@ -251,14 +253,12 @@ class InfluxWriter:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    async def _write_live(self, batch: list[Point]) -> None:
-        priority, normal = self._encode(batch)
+    async def _write_live(self, priority: list[bytes], normal: list[bytes]) -> None:
         lines = priority + normal
         if not lines:
             return
         if self._outage and self.spool is not None:
-            self._spill_lines(priority, priority=True)
-            self._spill_lines(normal, priority=False)
+            self._spill(priority, normal)
             return
         self._in_flight = lines
         try:
@@ -352,7 +352,7 @@ class InfluxWriter:
         if self.stats.connected or self.stats.write_errors == 1:
             log.warning("influxdb write failed; spooling and retrying", extra={
                 "reason": exc.reason, "retry_in_s": round(delay, 2),
-                "queue_depth": len(self._queue), "spool_bytes": self.spool_bytes})
+                "queue_depth": self.queue_depth, "spool_bytes": self.spool_bytes})
         self.stats.connected = False
         self._outage = self.spool is not None
 
@@ -387,7 +387,7 @@ class InfluxWriter:
             self._wake.set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    while self._queue or self._in_flight:
+                    while self.queue_depth or self._in_flight:
                         self._memory_empty.clear()
                         self._wake.set()
                         await self._memory_empty.wait()
@@ -398,12 +398,12 @@ class InfluxWriter:
         self._in_flight = []
         if self.spool is not None:
             self._spill_lines(left, priority=True)
-            self._spill(self._take(len(self._queue)))
+            self._spill(*self._take(self.queue_depth))
             if self.spool_points:
                 log.warning("storage closed; points kept in the spool for the next start",
                             extra={"points": self.spool_points, "bytes": self.spool_bytes})
             self.spool.close()
-        elif self._queue or left:
+        elif self.queue_depth or left:
             log.error("storage closed with unwritten points",
-                      extra={"points": len(self._queue) + len(left)})
+                      extra={"points": self.queue_depth + len(left)})
         await self._client.aclose()
