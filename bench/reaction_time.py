@@ -69,7 +69,8 @@ def percentile(values: list[float], q: float) -> float:
 def start_load(args: argparse.Namespace, mqtt_port: int, api_url: str, index: int, boots: int,
                work: Path) -> subprocess.Popen[bytes]:
     """Background boots in their own process, in session through the gateway's API."""
-    cmd = [sys.executable, "-m", "device_sim", "run", "--boots", str(boots), "--clinics", "5",
+    cmd = ["nice", "-n", str(args.sim_nice),
+           sys.executable, "-m", "device_sim", "run", "--boots", str(boots), "--clinics", "5",
            "--clinic-prefix", f"load{index}-", "--mqtt-port", str(mqtt_port),
            "--telemetry-hz", str(args.hz), "--gateway-url", api_url]
     with (work / f"load{index}.log").open("w") as log:
@@ -162,7 +163,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "acks_received": stats1["messages"].get("ack", 0),
                 "safety_events_total": stats1["safety_events"],
                 "faults": len(reactions) + missed, "faults_without_vent_in_10s": missed,
-                "storage_paused": args.pause_influx,
+                "storage_paused": args.pause_influx, "load_simulator_nice": args.sim_nice,
                 # publish -> the gateway's decision (its safety_event time, ms resolution),
                 # and decision -> the boot's receipt of the vent.
                 "to_decision_ms": split[0], "decision_to_vent_ms": split[1],
@@ -202,6 +203,9 @@ def main() -> None:
     p.add_argument("--fault-interval-s", type=float, default=0.05)
     p.add_argument("--spike-mmhg", type=float, default=150.0)
     p.add_argument("--pause-influx", action="store_true")
+    p.add_argument("--sim-nice", type=int, default=0,
+                   help="niceness of the load simulators: they stand in for boots that in a "
+                        "clinic run on their own hardware, not on the gateway's cores")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     result = asyncio.run(run(args))
