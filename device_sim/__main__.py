@@ -1,4 +1,4 @@
-"""`python -m device_sim`: the demo (main job) and a simulated fleet against any broker."""
+"""`python -m device_sim`: the demo (main job), scenario runs with a report, a plain fleet."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from pathlib import Path
 
 import httpx
 
+from device_sim import runner
 from device_sim.demo import DemoOptions, run_demo
 from device_sim.fleet import SimFleet
+from device_sim.scenario import ScenarioError, load_scenario
+from device_sim.worker import run_worker
 from gateway.logs import setup_logging
 from gateway.programs import CATALOGUE
 from gateway.settings import MqttSettings
@@ -50,6 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--gateway-url", help="start sessions through this gateway's HTTP API")
     r.add_argument("--program", choices=sorted(CATALOGUE), default="post_workout_recovery")
     r.add_argument("--seconds", type=float, default=0, help="0: until interrupted")
+
+    s = sub.add_parser("scenario", help="run a scenario file (YAML/TOML): live view, report, "
+                       "exit code 1 when its expectations fail, 2 when the file is invalid")
+    s.add_argument("path", type=Path)
+    s.add_argument("--out", type=Path, help="report folder (default run/scenario-NAME-TIME)")
+    s.add_argument("--no-live", action="store_true", help="no live view (logs and CI)")
+    s.add_argument("--check", action="store_true",
+                   help="validate the file and print the fault plan, run nothing")
+
+    w = sub.add_parser("worker", help="(internal) one simulator process of a scenario run")
+    w.add_argument("path", type=Path)
+    w.add_argument("--shard", type=int, required=True)
+    w.add_argument("--shards", type=int, required=True)
     return p
 
 
@@ -100,8 +116,31 @@ def main(argv: list[str] | None = None) -> None:
             mqtt_host=args.mqtt_host, mqtt_port=args.mqtt_port, influx_url=args.influx_url,
         )
         sys.exit(asyncio.run(run_demo(opts, sys.stdout)))
+    if args.command == "scenario":
+        sys.exit(_scenario(args))
+    if args.command == "worker":
+        setup_logging("WARNING", "text")
+        sys.exit(asyncio.run(run_worker(args.path, args.shard, args.shards)))
     setup_logging("INFO", "text")
     sys.exit(asyncio.run(_run_fleet(args)))
+
+
+def _scenario(args: argparse.Namespace) -> int:
+    try:
+        sc = load_scenario(args.path)
+    except ScenarioError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.check:
+        plan = sc.fault_plan()
+        print(f"{args.path}: valid. {sc.fleet.boots} boots in {sc.fleet.clinics} clinics, "
+              f"{sc.fleet.resolved_processes()} process(es), {sc.duration_s:g} s, "
+              f"{len(plan)} fault(s)")
+        for f in plan:
+            print(f"  {f.at_s:8.1f} s  {f.kind.value:<16} boot #{f.boot_index + 1}")
+        return 0
+    setup_logging("WARNING", "text")
+    return runner.main(args.path, args.out, live=not args.no_live)
 
 
 if __name__ == "__main__":

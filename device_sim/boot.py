@@ -4,8 +4,10 @@ A `SimBoot` behaves like firmware would: retained state + LWT, commands in, acks
 out. It also records what it saw and offers awaitables (built on an asyncio.Event, never sleeps)
 so integration tests can wait for "this boot got a vent" or "the session completed".
 
-Fault switches (`inject_*`, `set_*`) make the boot misbehave in one specific way each, so every
-rule of the gateway's safety watchdog can be exercised; `clear_faults()` undoes them all.
+Fault switches (`inject_*`, `set_*`, `drop_connection`, `publish_malformed`) make the boot
+misbehave in one specific way each, so every rule of the gateway's safety watchdog can be
+exercised; `clear_faults()` undoes them all. `device_sim.faults` drives them from a scenario's
+fault plan and records each one in `faults_injected`.
 Like firmware, the boot also does its own safety duty (docs/protocol.md §7.2): in a session it
 vents itself when the gateway's heartbeat stops or the MQTT connection drops.
 """
@@ -18,10 +20,11 @@ import json
 import logging
 import math
 import random
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import aiomqtt
 from pydantic import ValidationError
@@ -31,6 +34,7 @@ from gateway.contract import (
     CHANNEL_QOS,
     CHANNEL_RETAIN,
     HEARTBEAT_TOPIC,
+    SENSOR_MIN_MMHG,
     Ack,
     AckStatus,
     ActiveSession,
@@ -69,6 +73,27 @@ HEARTBEAT_TIMEOUT_FLOOR_S = 5.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
 SELF_VENT_HEARTBEAT = "gateway heartbeat lost"
 SELF_VENT_CONNECTION = "mqtt connection lost"
+
+# Garbage a boot can put on its telemetry topic (`publish_malformed`). The gateway must drop
+# each one as bad input (a device_fault point), never act on it.
+MalformedKind = Literal["not_json", "wrong_type", "null_pressure", "too_large"]
+MALFORMED_KINDS: tuple[MalformedKind, ...] = get_args(MalformedKind)
+# Above the contract's 16384-byte payload limit, below the broker's max_packet_size (1 MiB).
+TOO_LARGE_BYTES = 20_000
+
+
+def malformed_telemetry(kind: MalformedKind, chambers: int, seq: int, ts: float) -> bytes:
+    """Bytes that look like telemetry from a broken firmware but break the contract."""
+    good = {"seq": seq, "ts": ts, "phase": "inflate", "pressures": [42.0] * chambers}
+    if kind == "not_json":  # a buffer cut off mid-write, with junk behind it
+        return json.dumps(good).encode()[:24] + b"\xff\xfe\x00"
+    if kind == "wrong_type":
+        return json.dumps({**good, "seq": "twelve", "pressures": "high"}).encode()
+    if kind == "null_pressure":  # JSON null is not a number (NaN would be: rule 6's job)
+        return json.dumps({**good, "pressures": [None] * chambers}).encode()
+    if kind == "too_large":
+        return json.dumps({**good, "debug": "x" * TOO_LARGE_BYTES}).encode()
+    raise ValueError(f"unknown malformed kind {kind!r}; one of {MALFORMED_KINDS}")
 
 
 def zones_for(chambers: int) -> list[str]:
@@ -137,6 +162,13 @@ class SimBoot:
         self._ignore_vents = False
         self._count_mismatch = False
         self._spikes: dict[int, float] = {}
+        self._dropouts: dict[int, float] = {}  # chamber -> what its dead sensor reads
+        # Offset of the boot's wall clock (every `ts` it sends, its expiry check); its timers
+        # (heartbeat loss, session schedule) run on the true clock, as firmware timers would.
+        self.clock_skew_s = 0.0
+        # After drop_connection(): no reconnect before this clock time (reconnect_now ends it).
+        self._offline_until = 0.0
+        self._reconnect_wake = asyncio.Event()
 
         # Counters and records (read by tests and the fleet runner).
         self.telemetry_sent = 0
@@ -152,6 +184,11 @@ class SimBoot:
         self.events_sent: list[BootEvent] = []
         self.malformed_commands = 0
         self.connections = 0
+        self.connections_dropped = 0
+        self.malformed_sent = 0
+        # (true clock time, fault kind) of every fault put in / taken out by device_sim.faults.
+        self.faults_injected: list[tuple[float, str]] = []
+        self.faults_cleared: list[tuple[float, str]] = []
 
         self._client: aiomqtt.Client | None = None
         self._publish_lock = asyncio.Lock()
@@ -186,6 +223,20 @@ class SimBoot:
         interval = self.heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S
         return max(HEARTBEAT_TIMEOUT_FLOOR_S, HEARTBEAT_TIMEOUT_INTERVALS * interval)
 
+    def device_time(self, now: float | None = None) -> float:
+        """The boot's own wall clock: true time plus the injected skew."""
+        return (self.clock() if now is None else now) + self.clock_skew_s
+
+    @property
+    def sensor_dropouts(self) -> dict[int, float]:
+        """Chamber (0-based) -> the reading its dead sensor reports."""
+        return dict(self._dropouts)
+
+    @property
+    def offline_until(self) -> float:
+        """Clock time before which a dropped connection is not re-established."""
+        return self._offline_until
+
     def state_payload(self, online: bool) -> bytes:
         """The retained state; the session only while online (the LWT never carries one)."""
         return BootState(
@@ -195,7 +246,7 @@ class SimBoot:
             zones=zones_for(self.chambers),
             max_pressure_mmhg=self.max_pressure_mmhg,
             telemetry_period_s=self.telemetry_period_s,
-            ts=self.clock(),
+            ts=self.device_time(),
             session=self._active if online else None,
         ).to_payload()
 
@@ -258,11 +309,81 @@ class SimBoot:
         self._silent = on
         log.info("silent fault", extra={"boot": self.key, "silent": on})
 
+    def set_clock_skew(self, skew_s: float) -> None:
+        """Fault: the boot's wall clock is off by `skew_s` (ahead when positive). It shows in
+        every `ts` and `started_at` the boot sends and in its start-expiry check, not in its
+        timers. Set from one moment to the next, as an NTP step would."""
+        if not math.isfinite(skew_s):
+            raise ValueError(f"clock skew must be finite, got {skew_s}")
+        self.clock_skew_s = float(skew_s)
+        log.info("clock skew set", extra={"boot": self.key, "skew_s": skew_s})
+
+    def set_sensor_dropout(self, chamber: int, reading: float = SENSOR_MIN_MMHG) -> None:
+        """Fault: this chamber's transducer is dead and reports `reading` on every sample
+        (default the bottom of its range, what an open circuit reads) until cleared.
+        The chamber's real pressure is untouched: a sensor fault is not a physics fault."""
+        if not 0 <= chamber < self.chambers:
+            raise ValueError(f"chamber {chamber} out of range 0..{self.chambers - 1}")
+        self._dropouts[chamber] = float(reading)
+        log.info("sensor dropout injected", extra={"boot": self.key, "chamber": chamber,
+                                                   "reading": repr(float(reading))})
+
+    def clear_sensor_dropout(self, chamber: int | None = None) -> None:
+        """The sensor of `chamber` (None: every sensor) reads the real pressure again."""
+        if chamber is None:
+            self._dropouts.clear()
+        else:
+            self._dropouts.pop(chamber, None)
+
+    def drop_connection(self, offline_s: float = 0.0) -> None:
+        """Fault: the TCP connection dies without an MQTT DISCONNECT (cable pulled, Wi-Fi
+        gone), so the broker publishes the LWT at once. The boot reacts as to any connection
+        loss (self-vent in session, protocol §7.2) and reconnects no sooner than `offline_s`
+        from now (nor sooner than its usual backoff); `reconnect_now()` ends that early."""
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError(f"{self.key} is not connected")
+        if not (math.isfinite(offline_s) and offline_s >= 0):
+            raise ValueError(f"offline_s must be finite and >= 0, got {offline_s}")
+        # aiomqtt offers no abrupt close; paho's socket is the only handle on the TCP link.
+        sock = client._client.socket()
+        if not isinstance(sock, socket.socket):
+            raise RuntimeError(f"{self.key}: no TCP socket to drop ({type(sock).__name__})")
+        self._offline_until = self.clock() + offline_s
+        self._reconnect_wake.clear()
+        self.connections_dropped += 1
+        log.info("connection dropped", extra={"boot": self.key, "offline_s": offline_s})
+        # shutdown, not close: paho still owns the descriptor and sees EOF on its next read.
+        sock.shutdown(socket.SHUT_RDWR)
+
+    def reconnect_now(self) -> None:
+        """End the offline hold of `drop_connection` (no effect on a connected boot)."""
+        self._offline_until = 0.0
+        if self._client is None:  # waiting to reconnect: cut the wait short
+            self._reconnect_wake.set()
+
+    async def publish_malformed(self, kind: MalformedKind) -> bytes:
+        """Fault: put contract-breaking bytes on the telemetry topic; returns what was sent.
+        Normal telemetry goes on as before, so the gateway must not take the boot for silent."""
+        payload = malformed_telemetry(kind, self.chambers, self._seq, self.device_time())
+        await self.publish_raw(Channel.TELEMETRY, payload, qos=self.telemetry_qos)
+        self.malformed_sent += 1
+        return payload
+
+    def record_fault(self, kind: str, *, cleared: bool = False, at: float | None = None) -> None:
+        """Note a fault going in (or out) at `at` (default now, true clock), for the report."""
+        record = self.faults_cleared if cleared else self.faults_injected
+        record.append((self.clock() if at is None else at, kind))
+        self._notify()
+
     def clear_faults(self) -> None:
         """Undo every injected fault (model and firmware); a pending spike is dropped."""
         self.model.clear_faults()
         self._silent = self._ignore_vents = self._count_mismatch = False
         self._spikes.clear()
+        self._dropouts.clear()
+        self.clock_skew_s = 0.0
+        self.reconnect_now()
         log.info("faults cleared", extra={"boot": self.key})
 
     async def publish_raw(
@@ -361,10 +482,19 @@ class SimBoot:
                     # Protocol §7.2: the gateway cannot reach us any more; the event goes
                     # out from the outbox after the reconnect.
                     await self._self_vent(self.clock(), SELF_VENT_CONNECTION)
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                delay = backoff * random.uniform(0.8, 1.2)
+                await self._pause_before_reconnect(
+                    max(delay, self._offline_until - self.clock()))
                 backoff = min(backoff * 2, self.mqtt.reconnect_max_s)
             finally:
                 self._set_client(None)
+
+    async def _pause_before_reconnect(self, delay: float) -> None:
+        """Back off for `delay` seconds, or less if reconnect_now() is called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._reconnect_wake.wait()
+        self._reconnect_wake.clear()
 
     def _make_client(self) -> aiomqtt.Client:
         m = self.mqtt
@@ -504,6 +634,8 @@ class SimBoot:
         if client is None:
             return  # a pending spike waits for the next sample that is really published
         pressures = [round(p, 1) for p in measured]
+        for chamber, reading in self._dropouts.items():
+            pressures[chamber] = reading
         spikes, self._spikes = self._spikes, {}
         for chamber, value in spikes.items():
             pressures[chamber] = value
@@ -511,7 +643,7 @@ class SimBoot:
             pressures = pressures[:-1]  # drops a spike on the last chamber, too
         msg = Telemetry(
             seq=seq,
-            ts=now,
+            ts=self.device_time(now),
             session_id=session_id,
             session_elapsed_s=None if elapsed is None else round(max(0.0, elapsed), 2),
             phase=phase,
@@ -519,7 +651,8 @@ class SimBoot:
         )
         # json.dumps writes NaN/Infinity as the JSON tokens; pydantic's JSON would write null.
         payload = (
-            json.dumps(msg.model_dump(exclude_none=True)).encode() if spikes
+            json.dumps(msg.model_dump(exclude_none=True)).encode()
+            if spikes or not all(math.isfinite(p) for p in pressures)
             else msg.to_payload()
         )
         spike_logged = False
@@ -649,8 +782,8 @@ class SimBoot:
 
     def _start_refusal(self, cmd: Command, now: float) -> str | None:
         assert cmd.program is not None
-        if cmd.expires_at is not None and now > cmd.expires_at:
-            return "expired"
+        if cmd.expires_at is not None and self.device_time(now) > cmd.expires_at:
+            return "expired"  # judged on the boot's own (possibly skewed) wall clock
         if self.model.in_session:
             return "busy"
         n = len(cmd.program.targets_mmhg)
@@ -678,7 +811,7 @@ class SimBoot:
         self.session_id = cmd.session_id
         self._start_cmd_id = cmd.cmd_id
         self._active = ActiveSession(session_id=cmd.session_id, cmd_id=cmd.cmd_id,
-                                     program=cmd.program, started_at=now)
+                                     program=cmd.program, started_at=self.device_time(now))
         self._notify()
         await self._ack(cmd.cmd_id, AckStatus.ACCEPTED)
         await self._event(EventKind.SESSION_STARTED, session_id=cmd.session_id,
@@ -690,7 +823,7 @@ class SimBoot:
     async def _ack(
         self, cmd_id: str, status: AckStatus, reason: str | None = None, *, remember: bool = True
     ) -> None:
-        ack = Ack(cmd_id=cmd_id, status=status, ts=self.clock(), reason=reason)
+        ack = Ack(cmd_id=cmd_id, status=status, ts=self.device_time(), reason=reason)
         if remember:
             self._seen[cmd_id] = ack
             self._seen.move_to_end(cmd_id)
@@ -703,7 +836,8 @@ class SimBoot:
     async def _event(
         self, kind: EventKind, *, session_id: str | None = None, detail: str | None = None
     ) -> None:
-        ev = BootEvent(kind=kind, ts=self.clock(), session_id=session_id, detail=detail)
+        ev = BootEvent(kind=kind, ts=self.device_time(), session_id=session_id,
+                       detail=detail)
         self.events_sent.append(ev)
         self._notify()
         await self._send(Channel.EVENT, ev.to_payload())

@@ -7,6 +7,12 @@ Each chamber is a first-order system, dp/dt = (setpoint - p) / tau, with tau dep
 what moves the air (pump inflating, valve deflating, vent valve dumping). Setpoints are
 piecewise constant in time, so `step` integrates segment by segment with the exact solution
 p(t) = s + (p0 - s) * exp(-dt / tau); a step of any length is therefore stable and exact.
+
+A leaking chamber (`leak`) loses a constant L mmHg/s on top of that: dp/dt = (s - p)/tau - L,
+which is the same first-order system towards s - L*tau, so the exact solution still holds
+(floored at atmospheric pressure: a leak cannot pull a chamber below 0). A pump that keeps
+regulating makes up for most of it: a leaking chamber settles L*tau below its setpoint. With
+every valve shut (a vent that did not open) it loses exactly L per second.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class BootModel:
         self._held: set[int] = set()
         self._overrun = False
         self._vent_broken = False
+        self._leaks: dict[int, float] = {}
         self._completed_pending = False
         self.session_done_reason: DoneReason | None = None
 
@@ -108,6 +115,11 @@ class BootModel:
     @property
     def held_chambers(self) -> frozenset[int]:
         return frozenset(self._held)
+
+    @property
+    def leaks(self) -> dict[int, float]:
+        """Leak rate (mmHg/s) per leaking chamber."""
+        return dict(self._leaks)
 
     @property
     def overrun_fault(self) -> bool:
@@ -178,6 +190,21 @@ class BootModel:
         """
         self._held.add(self._check_chamber(chamber))
 
+    def clear_stuck(self, chamber: int) -> None:
+        """Repair one stuck inlet valve (the others stay stuck)."""
+        self._stuck.discard(self._check_chamber(chamber))
+
+    def leak(self, chamber: int, mmhg_per_s: float) -> None:
+        """Fault: this chamber loses `mmhg_per_s` whenever it holds pressure (a torn sleeve or
+        a loose hose); 0 repairs it. Under-inflation is no hazard: no rule should fire on it."""
+        if not (math.isfinite(mmhg_per_s) and mmhg_per_s >= 0):
+            raise ValueError(f"leak rate must be finite and >= 0, got {mmhg_per_s}")
+        chamber = self._check_chamber(chamber)
+        if mmhg_per_s == 0:
+            self._leaks.pop(chamber, None)
+        else:
+            self._leaks[chamber] = mmhg_per_s
+
     def overrun(self) -> None:
         """Fault: the session timer never fires; cycles go on past duration_s until stop/vent."""
         self._overrun = True
@@ -192,6 +219,7 @@ class BootModel:
         self._held.clear()
         self._overrun = False
         self._vent_broken = False
+        self._leaks.clear()
 
     def _check_chamber(self, chamber: int) -> int:
         if not 0 <= chamber < self.chambers:
@@ -254,10 +282,10 @@ class BootModel:
         relief = self.relief_limit_mmhg
         if self._program is None:
             if self._venting and self._vent_broken:
-                # Vented with a dead vent valve: valves shut, pressures stay where they are,
-                # except that a stuck inlet keeps pumping.
+                # Vented with a dead vent valve: valves shut (tau = inf), pressures stay where
+                # they are (less any leak), except that a stuck inlet keeps pumping.
                 return [
-                    (relief, self.tau_inflate_s) if i in self._stuck else (p, self.tau_deflate_s)
+                    (relief, self.tau_inflate_s) if i in self._stuck else (p, math.inf)
                     for i, p in enumerate(self._p)
                 ], math.inf
             tau = self.tau_vent_s if self._venting else self.tau_deflate_s
@@ -280,6 +308,24 @@ class BootModel:
         change_at = t + (nxt - u)
         return out, min(change_at, self._session_end)
 
+    def _evolve(self, p: float, s: float, tau: float, leak: float, dt: float) -> float:
+        """Pressure after `dt` towards setpoint `s`, exactly (the caller floors it at 0)."""
+        if tau == math.inf:  # valves shut: only the leak moves the pressure
+            return p - leak * dt
+        if p > s and tau == self.tau_inflate_s:
+            # Above its setpoint a chamber deflates through its valve, whatever the schedule's
+            # tau says; a leak takes it past s, and from there the pump holds it (below).
+            sink = s - leak * self.tau_deflate_s
+            if leak <= 0:
+                return sink + (p - sink) * math.exp(-dt / self.tau_deflate_s)
+            reach_s = self.tau_deflate_s * math.log((p - sink) / (s - sink))
+            if reach_s >= dt:
+                return sink + (p - sink) * math.exp(-dt / self.tau_deflate_s)
+            p, dt = s, dt - reach_s
+        # A leak shifts the equilibrium down by rate * tau (module docstring).
+        sink = s - leak * tau
+        return sink + (p - sink) * math.exp(-dt / tau)
+
     def _advance(self, now: float) -> None:
         if self._last is None:
             self._last = now
@@ -295,10 +341,7 @@ class BootModel:
             dt = t_next - t
             relief = self.relief_limit_mmhg
             for i, (s, tau) in enumerate(setpoints):
-                # A chamber above its setpoint deflates, whatever the schedule's tau says.
-                if self._p[i] > s and tau == self.tau_inflate_s:
-                    tau = self.tau_deflate_s
-                p = s + (self._p[i] - s) * math.exp(-dt / tau)
+                p = self._evolve(self._p[i], s, tau, self._leaks.get(i, 0.0), dt)
                 self._p[i] = min(relief, max(0.0, p))
             t = t_next
         # A session whose end falls exactly on `now` ends now, not at the next step.

@@ -56,7 +56,7 @@ class Point:
     measurement: str
     tags: Mapping[str, str]
     fields: Mapping[str, FieldValue]
-    time_ms: int
+    time_us: int  # microseconds since the epoch (the writer posts with precision=u)
 
     def encode(self) -> str:
         if not self.fields:
@@ -68,7 +68,7 @@ class Point:
                 continue  # InfluxDB refuses empty tag values; an absent tag means the same
             head += f",{_escape_key(k)}={_escape_key(v)}"
         body = ",".join(f"{_escape_key(k)}={_field(v)}" for k, v in self.fields.items())
-        return f"{head} {body} {int(self.time_ms)}"
+        return f"{head} {body} {int(self.time_us)}"
 
 
 def encode_batch(points: list[Point]) -> tuple[bytes, list[tuple[Point, str]]]:

@@ -15,6 +15,16 @@ from gateway.lineprotocol import FieldValue, Point
 from gateway.watchdog import RULE_NUMBER, SafetyAction, VentConfirmed
 
 
+def telemetry_time_us(sample: Telemetry) -> int:
+    """The boot's millisecond, with its sequence number in the microseconds below it.
+
+    A replayed or redelivered sample keeps its time, so it overwrites itself; but two samples
+    in the same millisecond of the boot's clock (a clock stepped back, as NTP may do) stay
+    two points instead of the second silently replacing the first.
+    """
+    return round(sample.ts * 1000) * 1000 + sample.seq % 1000
+
+
 def telemetry(addr: TopicAddress, sample: Telemetry,
               targets: list[float] | None = None) -> Point:
     """Stamped with the boot's own time, so a replayed sample overwrites itself.
@@ -45,7 +55,7 @@ def telemetry(addr: TopicAddress, sample: Telemetry,
         "telemetry",
         {"clinic": addr.clinic, "device": addr.device, "phase": sample.phase.value},
         fields,
-        int(sample.ts * 1000),
+        telemetry_time_us(sample),
     )
 
 
@@ -64,7 +74,7 @@ def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, now_m
         {"clinic": boot.clinic, "device": boot.device, "rule": action.rule.value,
          "severity": action.severity.value, "rule_no": str(RULE_NUMBER[action.rule])},
         fields,
-        now_ms,
+        now_ms * 1000,
     )
 
 
@@ -82,7 +92,7 @@ def command(tracked: TrackedCommand, now_ms: int) -> Point:
         {"clinic": clinic, "device": device, "kind": tracked.command.kind.value,
          "outcome": tracked.outcome.value},
         fields,
-        now_ms,
+        now_ms * 1000,
     )
 
 
@@ -101,7 +111,7 @@ def session(
         {"clinic": boot.clinic, "device": boot.device, "program": sess.program_name,
          "outcome": outcome},
         fields,
-        now_ms,
+        now_ms * 1000,
     )
 
 
@@ -111,7 +121,7 @@ def boot_state(boot: Boot, now_ms: int) -> Point:
         {"clinic": boot.clinic, "device": boot.device},
         {"online": int(boot.online), "firmware": boot.state.firmware,
          "chambers": boot.state.chambers, "max_pressure_mmhg": boot.state.max_pressure_mmhg},
-        now_ms,
+        now_ms * 1000,
     )
 
 
@@ -123,12 +133,12 @@ def boot_event(addr: TopicAddress, event: BootEvent, now_ms: int) -> Point:
     if event.detail:
         fields["detail"] = event.detail
     return Point("boot_event", {"clinic": addr.clinic, "device": addr.device,
-                                "kind": event.kind.value}, fields, int(event.ts * 1000))
+                                "kind": event.kind.value}, fields, round(event.ts * 1e6))
 
 
 def device_fault(addr: TopicAddress, kind: str, reason: str, now_ms: int) -> Point:
     return Point("device_fault", {"clinic": addr.clinic, "device": addr.device, "kind": kind},
-                 {"reason": reason[:500]}, now_ms)
+                 {"reason": reason[:500]}, now_ms * 1000)
 
 
 def vent_confirmed(boot: Boot, confirmed: VentConfirmed, now_ms: int) -> Point:
@@ -136,7 +146,8 @@ def vent_confirmed(boot: Boot, confirmed: VentConfirmed, now_ms: int) -> Point:
     fields: dict[str, FieldValue] = {"resends": confirmed.resends}
     if confirmed.after_s is not None:
         fields["after_s"] = round(confirmed.after_s, 3)
-    return Point("vent_confirmed", {"clinic": boot.clinic, "device": boot.device}, fields, now_ms)
+    return Point("vent_confirmed", {"clinic": boot.clinic, "device": boot.device}, fields,
+                 now_ms * 1000)
 
 
 def alarm(a: Alarm) -> Point:
@@ -152,10 +163,10 @@ def alarm(a: Alarm) -> Point:
         {"clinic": a.clinic, "device": a.device, "rule": a.rule, "severity": a.severity.value,
          "state": a.state.value},
         fields,
-        int(a.updated_at * 1000),
+        round(a.updated_at * 1e6),
     )
 
 
 def gateway_health(gateway_id: str, fields: dict[str, FieldValue], now_ms: int) -> Point:
     """The gateway's own counters and gauges; counters are totals since the process started."""
-    return Point("gateway_health", {"gateway": gateway_id}, fields, now_ms)
+    return Point("gateway_health", {"gateway": gateway_id}, fields, now_ms * 1000)

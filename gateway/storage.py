@@ -116,7 +116,7 @@ class InfluxWriter:
         self._next_try = 0.0
         self._last_flush = time.monotonic()
         self.stats = WriterStats()
-        self._params = {"db": settings.database, "precision": "ms"}
+        self._params = {"db": settings.database, "precision": "u"}
         if settings.retention_policy:
             self._params["rp"] = settings.retention_policy
 

@@ -57,3 +57,17 @@ def test_string_fields_never_break_the_line(text: str) -> None:
     line = Point("m", {}, {"s": text}, 1).encode()
     assert "\n" not in line
     assert line.endswith(" 1")
+
+
+def test_telemetry_time_is_the_boots_ms_with_seq_below_it() -> None:
+    """A redelivered sample overwrites itself; a clock stepped back does not overwrite."""
+    from gateway.contract import Channel, Phase, Telemetry, TopicAddress
+    from gateway.points import telemetry
+
+    addr = TopicAddress("c1", "b1", Channel.TELEMETRY)
+    first = Telemetry(seq=41, ts=1_700_000_000.123, phase=Phase.HOLD, pressures=[50.0])
+    again = Telemetry(seq=41, ts=1_700_000_000.123, phase=Phase.HOLD, pressures=[50.0])
+    after_step_back = Telemetry(seq=44, ts=1_700_000_000.123, phase=Phase.HOLD, pressures=[51.0])
+    t1, t2, t3 = (telemetry(addr, s).time_us for s in (first, again, after_step_back))
+    assert t1 == t2 == 1_700_000_000_123_041
+    assert t3 != t1 and t3 // 1000 == t1 // 1000  # same millisecond, another point

@@ -414,7 +414,7 @@ _actions = st.lists(
     st.tuples(
         st.floats(0.0, 30.0),
         st.sampled_from(["step", "step", "step", "stop", "vent", "stuck", "start", "hold",
-                         "overrun", "vent_broken", "clear"]),
+                         "overrun", "vent_broken", "clear", "leak"]),
     ),
     min_size=1,
     max_size=40,
@@ -460,6 +460,8 @@ def test_pressures_always_within_physical_bounds(
             m.vent_valve_broken()
         elif action == "clear":
             m.clear_faults()
+        elif action == "leak":
+            m.leak(seed % n, 5.0)
         elif action == "start" and not m.in_session:
             m.start(prog, t)
         phase, measured = m.step(t)
@@ -472,3 +474,131 @@ def test_pressures_always_within_physical_bounds(
             assert elapsed is not None
             # Completion is never late, unless the session timer is faulty.
             assert elapsed < duration or m.overrun_fault
+
+
+# ------------------------------------------------------------------ dynamics, checked exactly
+
+
+def test_deflate_and_vent_are_exponential_with_their_own_time_constants() -> None:
+    for action, tau in (("stop", 0.8), ("vent", 0.4)):
+        m = make_model(noise=0.0, tau_deflate_s=0.8, tau_vent_s=0.4)
+        m.step(T0)
+        m.start(make_program([100.0, 95.0, 90.0, 85.0], hold=30.0), T0)
+        m.step(T0 + 30.0)
+        before = m.pressures
+        getattr(m, action)(T0 + 30.0)
+        m.step(T0 + 30.0 + tau)
+        for p, p0 in zip(m.pressures, before, strict=True):
+            assert p == pytest.approx(p0 * math.exp(-1), rel=1e-6), action
+
+
+def test_noise_has_the_configured_spread() -> None:
+    m = make_model(seed=11, noise=0.5)
+    m.step(T0)
+    m.start(make_program([60.0, 60.0, 60.0, 60.0], hold=120.0), T0)
+    m.step(T0 + 30.0)  # every chamber settled at 60 (hold lasts to 136 s)
+    errors = [meas - true for k in range(1, 500)
+              for meas, true in zip(m.step(T0 + 30.0 + k * 0.2)[1], m.pressures, strict=True)]
+    mean = sum(errors) / len(errors)
+    std = math.sqrt(sum((e - mean) ** 2 for e in errors) / len(errors))
+    assert abs(mean) < 0.05
+    assert 0.4 < std < 0.55  # 3-sigma clipping trims a little off the configured 0.5
+
+
+# ------------------------------------------------------------------ slow leak
+
+
+def test_leaking_chamber_settles_leak_times_tau_below_its_target() -> None:
+    m = make_model(noise=0.0, tau_inflate_s=1.5)
+    m.step(T0)
+    m.leak(0, 4.0)
+    prog = make_program([60.0, 58.0, 55.0, 51.0], hold=40.0)
+    m.start(prog, T0)
+    m.step(T0 + 50.0)  # deep in the hold: settled
+    assert m.pressures[0] == pytest.approx(60.0 - 4.0 * 1.5, abs=1e-3)
+    assert m.pressures[1:] == pytest.approx(prog.targets_mmhg[1:], abs=1e-3)
+    assert m.leaks == {0: 4.0}
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_leak_integration_is_exact_for_any_step_size(stuck: bool) -> None:
+    """Stuck then released, a chamber starts above its setpoint: the leak carries it past
+    the setpoint mid-step, where the pump takes over; big steps must not miss that."""
+    def trace(dt: float) -> list[list[float]]:
+        m = make_model(noise=0.0)
+        m.step(T0)
+        m.leak(2, 3.0)
+        m.leak(0, 1.0)
+        if stuck:
+            m.stuck_valve(0)
+        m.start(make_program(hold=20.0), T0)
+        seen = []
+        checks = {round(t / dt) for t in (4.0, 12.0, 20.0, 32.0, 40.0)}
+        for k in range(1, round(40.0 / dt) + 1):
+            m.step(T0 + k * dt)
+            if stuck and k == round(4.0 / dt):
+                m.clear_stuck(0)
+            if k in checks:
+                seen.append(m.pressures)
+        return seen
+
+    fine, coarse = trace(0.01), trace(4.0)
+    assert len(fine) == len(coarse) == 5
+    for a, b in zip(fine, coarse, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    if stuck:  # released at 4 s from above 100 mmHg, it settles just below its 60 target
+        assert coarse[0][0] > 100.0
+        assert 60.0 - 1.0 * 1.5 < coarse[1][0] < 60.0 - 1.0 * 1.5 + 0.1
+
+
+def test_leak_never_pulls_a_chamber_below_atmospheric() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.leak(1, 50.0)  # far more than the pump can make up for
+    m.start(make_program(), T0)
+    for k in range(1, 400):
+        m.step(T0 + k * 0.1)
+        assert min(m.pressures) >= 0.0
+    assert max(m.pressures[1:2]) < 1e-9  # the pump cannot win: that chamber stays empty
+
+
+def test_leak_with_all_valves_shut_loses_exactly_its_rate() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.start(make_program([100.0, 95.0, 90.0, 85.0], hold=30.0), T0)
+    m.step(T0 + 30.0)
+    m.vent_valve_broken()
+    m.vent(T0 + 30.0)  # nothing opens: the pressure is held...
+    before = m.pressures
+    m.leak(3, 2.0)  # ...except where the sleeve leaks
+    m.step(T0 + 31.0)
+    m.step(T0 + 40.0)
+    assert m.pressures[:3] == pytest.approx(before[:3], abs=1e-9)
+    assert m.pressures[3] == pytest.approx(before[3] - 2.0 * 10.0, abs=1e-9)
+
+
+def test_leak_repair_and_bad_arguments() -> None:
+    m = make_model(noise=0.0)
+    m.leak(0, 1.0)
+    m.leak(1, 2.0)
+    m.leak(0, 0.0)
+    assert m.leaks == {1: 2.0}
+    m.clear_faults()
+    assert m.leaks == {}
+    for chamber, rate in ((4, 1.0), (-1, 1.0), (0, -1.0), (0, math.nan), (0, math.inf)):
+        with pytest.raises(ValueError):
+            m.leak(chamber, rate)
+
+
+def test_clear_stuck_repairs_one_valve_only() -> None:
+    m = make_model(noise=0.0)
+    m.step(T0)
+    m.stuck_valve(0)
+    m.stuck_valve(2)
+    m.clear_stuck(0)
+    assert m.stuck_chambers == frozenset({2})
+    m.start(make_program(), T0)
+    m.step(T0 + 33.0)  # the pause: only the still stuck chamber is pressurised
+    assert m.pressures[0] < 1.0 and m.pressures[2] > 120.0
+    with pytest.raises(ValueError):
+        m.clear_stuck(9)
