@@ -299,7 +299,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(NotConnected)
     async def _no_broker(request: Request, exc: NotConnected) -> JSONResponse:
-        return JSONResponse({"detail": "the gateway is not connected to the broker; retry"},
+        return JSONResponse({"detail": f"{exc}; retry"},
                             status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
     @app.get("/health", response_model=Health, tags=["ops"])

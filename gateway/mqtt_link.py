@@ -27,8 +27,11 @@ MessageHandler = Callable[[str, bytes], None]
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
+OUTGOING_CALLS = 16
+
+
 class NotConnected(RuntimeError):
-    pass
+    """No broker to take the message: not connected, or no PUBACK in time."""
 
 
 class _NoTopicCallbacks:
@@ -108,6 +111,9 @@ class MqttLink:
                 timeout=10,
                 socket_options=NO_DELAY,
                 queue_type=_dispatching_queue(self._dispatch_message),
+                # paho keeps 20 QoS 1 messages in flight; ordinary publishes may fill 16, so a
+                # vent (publish_urgent, straight to paho) never queues behind start commands.
+                max_concurrent_outgoing_calls=OUTGOING_CALLS,
                 clean_start=s.session_expiry_s == 0,
                 properties=_connect_properties(s.session_expiry_s),
             ))
@@ -166,7 +172,12 @@ class MqttLink:
         if expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = max(1, int(expiry_s))
-        await client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=props,
+                                 timeout=expiry_s)
+        except aiomqtt.MqttError as exc:
+            # Mostly no PUBACK in time: a command that would arrive expired is not worth more.
+            raise NotConnected(f"the broker did not take the message: {exc}") from None
 
     def publish_urgent(self, topic: str, payload: bytes, qos: int) -> bool:
         """Queue the packet in paho now and write it at the very next loop turn.

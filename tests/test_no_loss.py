@@ -256,3 +256,30 @@ async def test_mosquitto_restart_mid_stream_loses_no_event_or_ack(
             assert acked >= 14
     finally:
         broker.stop()
+
+
+async def test_start_while_the_broker_is_stalled_is_a_clean_503(
+    influx: LocalInflux, tmp_path: Path
+) -> None:
+    """No PUBACK within the start's expiry: refused with a reason, not a server error, and
+    the gateway forgets the session it could not send."""
+    broker = LocalMosquitto("mosquitto", tmp_path / "mosquitto", free_port()).start()
+    try:
+        settings = gateway_settings(broker, influx)
+        async with running_gateway(settings, influx) as gw:
+            clinic = gw.clinic()
+            fleet = SimFleet([(clinic, "b1")], mqtt_of(broker), telemetry_period_s=0.2, seed=8)
+            async with fleet:
+                await wait_for(lambda: f"{clinic}/b1" in gw.gw.fleet.boots, 10, "boot known")
+                broker.pause()  # SIGSTOP: connections stay open, nothing is acknowledged
+                try:
+                    r = await gw.api.post(f"/api/v1/boots/{clinic}/b1/session",
+                                          json={"custom": short_program().model_dump(
+                                              mode="json")})
+                finally:
+                    broker.resume()
+                assert r.status_code == 503, r.text
+                assert "did not take" in r.json()["detail"]
+                assert gw.gw.fleet.boots[f"{clinic}/b1"].session is None
+    finally:
+        broker.stop()
