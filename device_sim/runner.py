@@ -33,6 +33,7 @@ from device_sim.scenario import Scenario, load_scenario
 FD_PER_BOOT = 1  # one MQTT socket each
 FD_MARGIN = 200  # per process: stdio, HTTP clients, the event loop's own
 STORAGE_SETTLE_S = 3.0  # the gateway writes in batches: wait this long for the last ones
+OVERLOAD_LAG_S = 1.0  # a simulator process this far behind makes its own timings suspect
 
 
 @dataclass
@@ -154,14 +155,15 @@ def _live_table(sc: Scenario, workers: list[Worker], t0: float, detected: int,
     t = Table(title=f"{sc.name}: {min(elapsed, sc.duration_s):.0f}/{sc.duration_s:.0f} s, "
                     f"{len(workers)} process(es)", show_header=True, expand=False)
     for col in ("boots online", "in session", "msg/s", "vents", "faults injected",
-                "gateway detections", "sessions started"):
+                "gateway detections", "sessions started", "simulator lag"):
         t.add_column(col, justify="right")
     t.add_row(f"{sum(s.get('connected', 0) for s in stats)}/{total}",
               str(sum(s.get("in_session", 0) for s in stats)), f"{rate:.0f}",
               str(sum(s.get("vents", 0) for s in stats)),
               str(sum(s.get("faults_injected", 0) for s in stats)), str(detected),
               f"{sum(s.get('sessions_started', 0) for s in stats)}/"
-              f"{sum(s.get('sessions_requested', 0) for s in stats)}")
+              f"{sum(s.get('sessions_requested', 0) for s in stats)}",
+              f"{max((s.get('loop_lag_max_s', 0.0) for s in stats), default=0.0):.2f} s")
     return t
 
 
@@ -285,6 +287,12 @@ def _report(sc: Scenario, finals: list[dict[str, Any]], found: list[rpt.Detectio
         report.notes.append(f"{len(skipped)} planned fault(s) not injected: "
                             + "; ".join(f"{s['kind']} on {s['boot']}: {s['reason']}"
                                         for s in skipped[:5]))
+    lag = max((f.get("loop_lag_max_s", 0.0) for f in finals), default=0.0)
+    if lag > OVERLOAD_LAG_S:
+        report.notes.insert(0, f"the simulator was overloaded (a process fell {lag:.1f} s "
+                               "behind): late vents, late acks and failed session starts may be "
+                               "the simulator's own delay, not the gateway's. Use more "
+                               "processes, fewer boots, or another machine for the simulator.")
     failures = [s for f in finals for s in f.get("session_failures", [])]
     if failures:
         report.notes.append(f"session starts refused: {'; '.join(failures[:5])}")

@@ -60,6 +60,14 @@ class Shard:
     session_failures: list[str] = field(default_factory=list)
     connect_failures: int = 0
     faulted: set[int] = field(default_factory=set)
+    loop_lag_max_s: float = 0.0  # this process's own backlog: its timings are only as good
+
+    async def watch_lag(self, period_s: float = 0.5) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period_s
+            await asyncio.sleep(period_s)
+            self.loop_lag_max_s = max(self.loop_lag_max_s, loop.time() - due)
 
     @functools.cached_property
     def plan(self) -> list[PlannedFault]:
@@ -105,6 +113,7 @@ class Shard:
             "faults_injected": len(self.injections),
             "sessions_requested": self.sessions_requested,
             "sessions_started": self.sessions_started,
+            "loop_lag_max_s": round(self.loop_lag_max_s, 3),
         }
 
     # ------------------------------------------------------------------ sessions
@@ -284,7 +293,7 @@ async def run_worker(path: Path, index: int, count: int) -> int:
     t0 = float(cmd.split()[1])
     end = t0 + shard.scenario.duration_s
     jobs = [asyncio.create_task(shard.sessions(t0, end)), asyncio.create_task(shard.faults(t0)),
-            asyncio.create_task(shard.trace(t0))]
+            asyncio.create_task(shard.trace(t0)), asyncio.create_task(shard.watch_lag())]
     stop = asyncio.create_task(commands.get())
     try:
         while not stop.done():
