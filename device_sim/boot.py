@@ -101,6 +101,31 @@ def zones_for(chambers: int) -> list[str]:
     return (_ZONES + [f"zone{i + 1}" for i in range(len(_ZONES), chambers)])[:chambers]
 
 
+def _publish_qos0_now(client: aiomqtt.Client, topic: str, payload: bytes) -> bool:
+    """Write a QoS 0 sample to the socket now; False when the fast path does not apply.
+
+    aiomqtt's publish costs an Event, a timeout, a thread-safe wake-up and a writer
+    registration per message: most of a simulator process's CPU at thousands of boots.
+    Here paho queues the packet and writes it at once. Its deferred writer registration is
+    suppressed (a stale registration outlives the socket and breaks the next connection),
+    and made properly only if the socket could not take everything.
+    """
+    paho = client._client  # aiomqtt exposes no synchronous publish
+    if paho._registered_write or paho._out_packet:
+        return False  # a write is pending: queue behind it the usual way
+    paho._registered_write = True  # no writer registration for this packet
+    try:
+        info = paho.publish(topic, payload, 0, False)
+        rc = info.rc if info.rc != 0 else paho.loop_write()
+    finally:
+        paho._registered_write = False
+    if rc != 0:
+        raise aiomqtt.MqttCodeError(rc, "Could not publish message")
+    if paho._out_packet:  # the socket buffer was full: let the event loop finish the write
+        paho._call_socket_register_write()
+    return True
+
+
 class SimBoot:
     """A simulated boot with its own MQTT client `sim-{clinic}-{device}`."""
 
@@ -677,10 +702,12 @@ class SimBoot:
                 if spikes:
                     self.spikes_published_at.append(self.clock())
                     spike_logged = True
-                await client.publish(
-                    self._topics[Channel.TELEMETRY], payload,
-                    qos=self.telemetry_qos, timeout=_PUBLISH_TIMEOUT_S,
-                )
+                if not (self.telemetry_qos == 0 and _publish_qos0_now(
+                        client, self._topics[Channel.TELEMETRY], payload)):
+                    await client.publish(
+                        self._topics[Channel.TELEMETRY], payload,
+                        qos=self.telemetry_qos, timeout=_PUBLISH_TIMEOUT_S,
+                    )
                 # Counted under the lock so shutdown never sees a half-counted sample.
                 self.telemetry_sent += 1
                 if session_id is not None:
