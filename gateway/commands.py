@@ -71,6 +71,18 @@ class CommandTracker:
         )
         return tracked
 
+    def delivered(self, cmd_id: str) -> None:
+        """The broker has the command: the boot's time to ack runs from now, not from when it
+        was queued behind other publishes (a busy gateway must not fail commands it held)."""
+        tracked = self._commands.get(cmd_id)
+        if tracked is None or tracked.first_ack.done() or cmd_id not in self._timers:
+            return
+        self._cancel_timer(cmd_id)
+        tracked.sent_at = self._monotonic()
+        self._timers[cmd_id] = asyncio.get_running_loop().call_later(
+            self.ack_timeout_s, self._expire, cmd_id
+        )
+
     def get(self, cmd_id: str) -> TrackedCommand | None:
         return self._commands.get(cmd_id)
 

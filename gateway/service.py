@@ -577,6 +577,8 @@ class Gateway:
         except Exception:
             boot.session = None
             raise
+        assert self.commands is not None
+        self.commands.delivered(cmd.cmd_id)
         log.info("session start sent", extra={"device": boot.key, "program": program.name,
                                               "session_id": cmd.session_id, "cmd_id": cmd.cmd_id})
         outcome = CommandOutcome.SENT
@@ -593,6 +595,8 @@ class Gateway:
         tracked = self._track(boot, cmd)
         await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
                                 qos=CHANNEL_QOS[Channel.CMD])
+        assert self.commands is not None
+        self.commands.delivered(cmd.cmd_id)
         if wait:
             await tracked.first_ack
         return tracked
