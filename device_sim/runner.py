@@ -125,25 +125,23 @@ class Detections:
                                            at=r["time"] / 1000, source=source))
         return sorted(found, key=lambda d: d.at)
 
-    async def telemetry_stored(self, since: float) -> int:
-        return sum((await self.telemetry_by_boot(since)).values())
-
     async def telemetry_by_boot(self, since: float) -> dict[str, int]:
         series = await self.query(f"SELECT count(seq) FROM telemetry WHERE {self._where(since)} "
                                   "GROUP BY clinic, device")
         return {f"{s['tags']['clinic']}/{s['tags']['device']}": int(s["values"][0][1])
                 for s in series}
 
-    async def settled_counts(self, since: float) -> tuple[list[rpt.Detection], int]:
-        """Detections and stored telemetry once two reads in a row agree (batches landed)."""
+    async def settled_counts(self, since: float) -> tuple[list[rpt.Detection], dict[str, int]]:
+        """Detections and stored telemetry per boot once two reads in a row agree."""
         last: tuple[int, int] | None = None
         deadline = time.monotonic() + 60
         while True:
             events = await self.events(since)
-            stored = await self.telemetry_stored(since)
-            if last == (len(events), stored) or time.monotonic() > deadline:
-                return events, stored
-            last = (len(events), stored)
+            by_boot = await self.telemetry_by_boot(since)
+            now = (len(events), sum(by_boot.values()))
+            if last == now or time.monotonic() > deadline:
+                return events, by_boot
+            last = now
             await asyncio.sleep(STORAGE_SETTLE_S)
 
 
@@ -225,10 +223,10 @@ async def run(path: Path, out: Path, *, live: bool = True,
         finals = [w.final or {} for w in workers]
         elapsed = time.time() - started
         if detections is not None:
-            found, stored = await detections.settled_counts(started)
+            found, stored_by_boot = await detections.settled_counts(started)
+            stored: int | None = sum(stored_by_boot.values())
             # What the gateway saw of the shutdown itself is no finding of the run.
             found = [d for d in found if d.at <= stopped_at]
-            stored_by_boot = await detections.telemetry_by_boot(started)
         else:
             found, stored, stored_by_boot = [], None, {}
     finally:
@@ -237,7 +235,9 @@ async def run(path: Path, out: Path, *, live: bool = True,
                 w.proc.kill()
         if detections is not None:
             await detections.client.aclose()
-    report = _report(sc, finals, found, stored, elapsed, n, fd_limit, fd_note, connected)
+    traces = [rpt.Trace(**t) for f in finals for t in f.get("traces", [])]
+    report = _report(sc, finals, traces, found, stored, elapsed, n, fd_limit, fd_note,
+                     connected)
     if stored_by_boot:
         sent_by_boot = {k: v for f in finals for k, v in f.get("telemetry_by_boot", {}).items()}
         short = {k: v - stored_by_boot.get(k, 0) for k, v in sent_by_boot.items()
@@ -245,13 +245,13 @@ async def run(path: Path, out: Path, *, live: bool = True,
         if short:
             report.notes.append("telemetry missing by boot: " + ", ".join(
                 f"{k} {n}" for k, n in sorted(short.items())[:20]))
-    traces = [rpt.Trace(**t) for f in finals for t in f.get("traces", [])]
     rpt.write_all(report, traces, out)
     rpt.print_summary(report, console)
     return report
 
 
-def _report(sc: Scenario, finals: list[dict[str, Any]], found: list[rpt.Detection],
+def _report(sc: Scenario, finals: list[dict[str, Any]], traces: list[rpt.Trace],
+            found: list[rpt.Detection],
             stored: int | None, elapsed: float, processes: int, fd_limit: int,
             fd_note: str | None, connected: int) -> rpt.Report:
     injections = []
@@ -264,7 +264,6 @@ def _report(sc: Scenario, finals: list[dict[str, Any]], found: list[rpt.Detectio
                 expect_device_fault=j["expect_device_fault"],
                 detect_within_s=j["detect_within_s"]))
     vents = [rpt.VentSeen(boot=b, at=at) for f in finals for b, at in f.get("vents_seen", [])]
-    traces = [rpt.Trace(**t) for f in finals for t in f.get("traces", [])]
     sent = sum(f.get("telemetry_sent", 0) for f in finals)
     totals = rpt.Totals(
         scenario=sc.name, boots=sc.fleet.boots, clinics=sc.fleet.clinics, processes=processes,

@@ -42,11 +42,3 @@ def tune_for_latency(pauses: GcPauses | None = None) -> None:
     gc.set_threshold(YOUNG_THRESHOLD, mid, old)
     if pauses is not None and pauses.callback not in gc.callbacks:
         gc.callbacks.append(pauses.callback)
-
-
-def untune(pauses: GcPauses | None = None) -> None:
-    """Undo `tune_for_latency` (tests run many gateways in one process)."""
-    gc.unfreeze()
-    gc.set_threshold(700, *gc.get_threshold()[1:])
-    if pauses is not None and pauses.callback in gc.callbacks:
-        gc.callbacks.remove(pauses.callback)
