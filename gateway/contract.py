@@ -47,16 +47,23 @@ CHANNEL_QOS: dict[Channel, int] = {
 }
 CHANNEL_RETAIN: dict[Channel, bool] = {c: c is Channel.STATE for c in Channel}
 
-HEARTBEAT_TOPIC = f"{TOPIC_ROOT}/_gateway/heartbeat"
-ALARM_TOPIC_PREFIX = f"{TOPIC_ROOT}/_gateway/alarm"
+# The topic level under the root that belongs to the gateway: never a clinic id.
+RESERVED_CLINIC = "_gateway"
+HEARTBEAT_TOPIC = f"{TOPIC_ROOT}/{RESERVED_CLINIC}/heartbeat"
+ALARM_TOPIC_PREFIX = f"{TOPIC_ROOT}/{RESERVED_CLINIC}/alarm"
 
 
 def is_valid_id(value: str) -> bool:
-    return bool(_ID_RE.match(value))
+    """fullmatch, not match: Python's `$` also matches before a trailing newline."""
+    return _ID_RE.fullmatch(value) is not None
+
+
+def is_valid_clinic(value: str) -> bool:
+    return value != RESERVED_CLINIC and is_valid_id(value)
 
 
 def topic(clinic: str, device: str, channel: Channel) -> str:
-    if not (is_valid_id(clinic) and is_valid_id(device)):
+    if not (is_valid_clinic(clinic) and is_valid_id(device)):
         raise ValueError(f"invalid clinic or device id: {clinic!r}/{device!r}")
     return f"{TOPIC_ROOT}/{clinic}/{device}/{channel.value}"
 
@@ -81,6 +88,8 @@ def parse_topic(name: str) -> TopicAddress:
     if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
         raise TopicError(f"not a boot topic: {name[:200]!r}")
     clinic, device, channel = parts[2], parts[3], parts[4]
+    if clinic == RESERVED_CLINIC:
+        raise TopicError(f"clinic id {RESERVED_CLINIC!r} is reserved: {name[:200]!r}")
     if not is_valid_id(clinic) or not is_valid_id(device):
         raise TopicError(f"invalid clinic or device id in topic: {name[:200]!r}")
     try:
@@ -100,12 +109,21 @@ class _Msg(BaseModel):
 
 
 class Phase(StrEnum):
+    """Closed for senders, open for the receiver: a boot sends one of the first six; a phase
+    this gateway does not know (a newer firmware's) is read as UNKNOWN, never a dropped sample
+    (a dropped sample in a session would count as silence and vent)."""
+
     IDLE = "idle"
     INFLATE = "inflate"
     HOLD = "hold"
     DEFLATE = "deflate"
     PAUSE = "pause"
     VENT = "vent"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Phase | None:
+        return cls.UNKNOWN if isinstance(value, str) else None
 
 
 class Telemetry(_Msg):
@@ -188,9 +206,14 @@ class SessionProgram(BaseModel):
     )
 
     def longest_inflation_s(self) -> float:
-        """First chamber inflates first and deflates last in a sequential cycle."""
+        """The one model of "inflated" that rule 9 checks and rule 3 enforces.
+
+        A chamber counts as inflated from the moment it starts inflating until the end of the
+        deflate phase: a boot may take all of `deflate_s` to bring it down. The most distal
+        chamber starts first, so it is inflated longest: n * inflate_s + hold_s + deflate_s.
+        """
         n = len(self.targets_mmhg)
-        return n * self.timing.inflate_s + self.timing.hold_s
+        return n * self.timing.inflate_s + self.timing.hold_s + self.timing.deflate_s
 
 
 class ActiveSession(BaseModel):
@@ -322,6 +345,8 @@ def decode(channel: Channel, payload: bytes, max_bytes: int) -> _Msg:
         data = json.loads(payload)  # NaN/Infinity parse; the models say where they may stand
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError("not_json", f"not JSON: {str(exc)[:120]}") from None
+    except RecursionError:
+        raise PayloadError("not_json", "not JSON: nested too deeply") from None
     try:
         return PAYLOAD_MODELS[channel].model_validate(data)
     except ValidationError as exc:

@@ -87,6 +87,8 @@ class BootLimits:
     online: bool
     in_session: bool
     gateway_ceiling_mmhg: float = float("inf")  # the watchdog's hard ceiling (rule 1)
+    gateway_max_inflation_s: float = float("inf")  # the watchdog's absolute cap (rule 3)
+    venting: bool = False  # a vent of the gateway's is not yet confirmed (rule 8)
 
 
 def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimits) -> list[str]:
@@ -96,19 +98,23 @@ def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimi
         reasons.append("the boot is offline")
     if boot.in_session:
         reasons.append("the boot is already running a session; stop it first")
+    if boot.venting:
+        reasons.append("the gateway's vent of this boot is not confirmed yet (rule 8)")
     n = len(program.targets_mmhg)
     if n != boot.chambers:
         reasons.append(f"the program has {n} chamber targets but the boot has {boot.chambers}")
     clinic_ceiling = limits.ceiling_for(boot.clinic)
     ceiling = min(boot.max_pressure_mmhg, clinic_ceiling, boot.gateway_ceiling_mmhg)
+    highest = ceiling - limits.ceiling_margin_mmhg
     for i, p in enumerate(program.targets_mmhg, start=1):
-        if p > ceiling:
+        if p > highest:
             gw = (f", the gateway's {boot.gateway_ceiling_mmhg:g}"
                   if boot.gateway_ceiling_mmhg < float("inf") else "")
             reasons.append(
-                f"chamber {i} target {p:g} mmHg is above the ceiling of {ceiling:g} mmHg "
-                f"(lowest of the boot's {boot.max_pressure_mmhg:g}{gw} and the clinic's "
-                f"{clinic_ceiling:g})"
+                f"chamber {i} target {p:g} mmHg is above {highest:g} mmHg: the ceiling of "
+                f"{ceiling:g} mmHg (lowest of the boot's {boot.max_pressure_mmhg:g}{gw} and "
+                f"the clinic's {clinic_ceiling:g}) less a margin of "
+                f"{limits.ceiling_margin_mmhg:g} mmHg"
             )
         elif p < limits.min_pressure_mmhg:
             reasons.append(
@@ -125,6 +131,17 @@ def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimi
         reasons.append(
             f"duration {program.duration_s / 60:g} min is outside "
             f"{limits.min_duration_s / 60:g}-{limits.max_duration_s / 60:g} min"
+        )
+    inflated = program.longest_inflation_s()
+    if program.max_inflation_s is not None and program.max_inflation_s < inflated:
+        reasons.append(
+            f"max_inflation_s {program.max_inflation_s:g} s is shorter than the program's own "
+            f"longest inflation of {inflated:g} s (n x inflate_s + hold_s + deflate_s)"
+        )
+    if inflated > boot.gateway_max_inflation_s:
+        reasons.append(
+            f"the most distal chamber stays inflated {inflated:g} s per cycle, above the "
+            f"gateway's limit of {boot.gateway_max_inflation_s:g} s"
         )
     for i in range(1, n):
         if program.targets_mmhg[i] > program.targets_mmhg[0]:

@@ -136,6 +136,10 @@ class ProgramLimits(BaseModel):
     clinic_ceilings: dict[str, float] = Field(
         default_factory=dict, description="per-clinic ceilings overriding the default"
     )
+    ceiling_margin_mmhg: float = Field(
+        5.0, ge=0, le=50, description="rule 9: a target must stay this far below the ceiling, "
+        "so a boot's regulation overshoot and sensor noise do not trip rule 1",
+    )
     min_pressure_mmhg: float = Field(20.0, ge=0)
     min_cycle_s: float = Field(20.0, gt=0, description="shortest inflate/deflate cycle")
     max_cycle_s: float = Field(60.0, gt=0, description="longest inflate/deflate cycle")

@@ -9,6 +9,11 @@ re-sends the vent at its deadline and raises a high-priority alarm.
 
 Samples are ordered by `seq`: a duplicate or late (reordered) sample is checked for the
 instantaneous hazards (rules 1 and 6) but does not advance the per-sample counters of rule 2.
+
+Every duration is measured so that it stays right through a step of the boot's clock (NTP
+steps real devices, either way) and through a stall of the gateway's own event loop: rules 4,
+5 and 8 run on the gateway's monotonic clock; rule 3 runs on `BootWatch.step_free_s`, the boot's
+sample times with every step taken out by the gateway's monotonic clock (`_advance_clock`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from gateway.settings import WatchdogSettings
 
 # A seq this far below the last one is a restarted boot, not a late sample.
 SEQ_RESET_WINDOW = 1000
+# Rule 3's clock: between two samples, the boot's clock may run this much ahead of the
+# gateway's before the difference is taken for a step (network jitter stays well below).
+CLOCK_STEP_TOLERANCE_S = 0.5
+# Gateway time not yet matched by the boot's clock is kept at most this long, so a gateway
+# stall's backlog is still timed by the boots' own sample times.
+CLOCK_CREDIT_CAP_S = 10.0
 
 
 class Rule(StrEnum):
@@ -86,14 +97,21 @@ class BootWatch:
     targets_mmhg: list[float] | None = None
     session_started_at: float | None = None
     session_duration_s: float | None = None
+    overrun_limit_s: float | None = None  # rule 4: running longer than this is an overrun
     inflation_limit_s: float | None = None
     overrun_reported: bool = False
+    start_provisional: bool = False  # session_started_at is a guess until the boot's elapsed
     # samples
     last_sample_at: float | None = None
     last_seq: int | None = None
     over_target_run: list[int] = field(default_factory=list)
     inflated_since: list[float | None] = field(default_factory=list)
     silence_reported: bool = False
+    # rule 3's step-free clock (see _advance_clock)
+    step_free_s: float = 0.0
+    clock_device_ts: float | None = None
+    clock_gateway_s: float | None = None
+    clock_credit_s: float = 0.0
     # the vent episode
     venting: bool = False
     vent_sent_at: float | None = None
@@ -113,6 +131,7 @@ class BootWatch:
         self.targets_mmhg = None
         self.session_started_at = None
         self.session_duration_s = None
+        self.overrun_limit_s = None
         self.inflation_limit_s = None
         self.over_target_run = [0] * self.chambers
 
@@ -133,23 +152,36 @@ class Watchdog:
         )
 
     def inflation_limit(self, program: SessionProgram | None) -> float:
-        """Rule 3: the program's longest inflation plus grace, never above the absolute cap."""
+        """Rule 3: the program's longest inflation plus grace, never above the absolute cap.
+
+        `SessionProgram.longest_inflation_s` is the same model rule 9 checks a program with,
+        so a program that passed rule 9 run by a correct boot cannot trip this rule.
+        """
         if program is None:
             return self.limits.max_inflation_s
         longest = program.max_inflation_s or program.longest_inflation_s()
         return min(self.limits.max_inflation_s, longest + self.limits.sustained_inflation_grace_s)
 
+    def overrun_limit(self, program: SessionProgram) -> float:
+        """Rule 4: the program's duration, its final deflate, then the grace."""
+        return program.duration_s + program.timing.deflate_s + self.limits.overrun_grace_s
+
     # ------------------------------------------------------------------ session bookkeeping
 
     def start_session(
         self, watch: BootWatch, session_id: str, program: SessionProgram | None, now: float,
-        elapsed_s: float = 0.0,
+        elapsed_s: float = 0.0, provisional: bool = False,
     ) -> None:
-        """Program None: a session resumed from telemetry alone (rules 2 and 4 cannot apply)."""
+        """Program None: a session resumed from telemetry alone (rules 2 and 4 cannot apply).
+
+        provisional: `elapsed_s` is a guess that the boot's next `session_elapsed_s` replaces.
+        """
         watch.session_id = session_id
+        watch.start_provisional = provisional
         watch.targets_mmhg = list(program.targets_mmhg) if program else None
         watch.session_started_at = now - elapsed_s
         watch.session_duration_s = program.duration_s if program else None
+        watch.overrun_limit_s = self.overrun_limit(program) if program else None
         watch.inflation_limit_s = self.inflation_limit(program)
         watch.overrun_reported = False
         watch.over_target_run = [0] * watch.chambers
@@ -173,6 +205,18 @@ class Watchdog:
         watch.last_sample_at = now
         watch.silence_reported = False
         pressures = sample.pressures
+        step_free = watch.step_free_s
+        if fresh:
+            step_free = self._advance_clock(watch, sample.ts, now)
+            elapsed = sample.session_elapsed_s
+            if (elapsed is not None and sample.session_id == watch.session_id
+                    and watch.session_started_at is not None):
+                # Rule 4 cross-check with the boot's own account of the session: the longer
+                # one counts, except over a resumed session's first guess (made on the boot's
+                # wall clock, which may be off).
+                watch.session_started_at = (now - elapsed if watch.start_provisional else
+                                            min(watch.session_started_at, now - elapsed))
+                watch.start_provisional = False
 
         bad = self._implausible(watch, pressures)
         if bad is not None:
@@ -196,10 +240,35 @@ class Watchdog:
             ))]
         if not fresh:
             return []
-        # Rule 3 times inflation on the boot's own clock: differences of its timestamps are
-        # immune to clock offset and to the gateway falling behind on a burst of messages.
         return (self._over_target(watch, pressures, now)
-                or self._sustained(watch, pressures, sample.ts, now))
+                or self._sustained(watch, pressures, step_free, now))
+
+    @staticmethod
+    def _advance_clock(watch: BootWatch, device_ts: float, now: float) -> float:
+        """Rule 3's clock: the boot's sample times, unless they disagree with the gateway's.
+
+        The boot's timestamps are right for the spacing of its samples even when the gateway
+        falls behind and reads a burst at once; the gateway's monotonic clock is right across
+        a step of the boot's clock. So each interval is the boot's, as long as the gateway has
+        seen at least that much time pass (its unused time is kept as credit, up to a cap, for
+        the burst after a stall); an interval that runs backwards counts as none, one that runs
+        ahead of the gateway's time is cut to it.
+        """
+        last_ts, last_now = watch.clock_device_ts, watch.clock_gateway_s
+        watch.clock_device_ts, watch.clock_gateway_s = device_ts, now
+        if last_ts is None or last_now is None:
+            return watch.step_free_s
+        device_dt = device_ts - last_ts
+        credit = watch.clock_credit_s + max(0.0, now - last_now)
+        if device_dt < 0:
+            step = 0.0
+        elif device_dt <= credit + CLOCK_STEP_TOLERANCE_S:
+            step = device_dt
+        else:
+            step = credit
+        watch.clock_credit_s = min(CLOCK_CREDIT_CAP_S, max(0.0, credit - step))
+        watch.step_free_s += step
+        return watch.step_free_s
 
     def _is_fresh(self, watch: BootWatch, seq: int) -> bool:
         last = watch.last_seq
@@ -252,7 +321,7 @@ class Watchdog:
             f"{targets[tripped]:g} + {tol:g} mmHg for {watch.over_target_run[tripped]} samples",
         ))]
 
-    def _sustained(self, watch: BootWatch, pressures: list[float], device_ts: float,
+    def _sustained(self, watch: BootWatch, pressures: list[float], step_free: float,
                    now: float) -> list[Outcome]:
         limit = watch.inflation_limit_s or self.limits.max_inflation_s
         level = self.limits.inflated_level_mmhg
@@ -263,9 +332,9 @@ class Watchdog:
                 continue
             since = watch.inflated_since[i]
             if since is None:
-                watch.inflated_since[i] = device_ts
-            elif device_ts - since > limit and (worst is None or device_ts - since > worst[0]):
-                worst = (device_ts - since, i)
+                watch.inflated_since[i] = step_free
+            elif step_free - since > limit and (worst is None or step_free - since > worst[0]):
+                worst = (step_free - since, i)
         if worst is None:
             return []
         held, i = worst
@@ -299,18 +368,18 @@ class Watchdog:
                     value=round(silent, 3), limit=limit,
                     detail=f"no telemetry for {silent:.1f} s in session (limit {limit:g} s)",
                 ))]
-        if (watch.session_started_at is not None and watch.session_duration_s is not None
-                and not watch.overrun_reported):
+        if (watch.session_started_at is not None and watch.overrun_limit_s is not None
+                and watch.session_duration_s is not None and not watch.overrun_reported):
             running = now - watch.session_started_at
-            limit = watch.session_duration_s + self.limits.overrun_grace_s
+            limit = watch.overrun_limit_s
             if running > limit:
                 watch.overrun_reported = True
                 return [self._vent(watch, now, SafetyAction(
                     rule=Rule.SESSION_OVERRUN, severity=Severity.HIGH, vent=True, alarm=True,
                     stop=True, value=round(running, 3), limit=limit,
                     detail=f"session still running after {running:.0f} s "
-                    f"(program {watch.session_duration_s:g} s + grace "
-                    f"{self.limits.overrun_grace_s:g} s)",
+                    f"(program {watch.session_duration_s:g} s + final deflate + grace "
+                    f"{self.limits.overrun_grace_s:g} s = {limit:g} s)",
                 ))]
         return []
 

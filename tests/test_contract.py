@@ -12,6 +12,7 @@ from gateway.contract import (
     Command,
     CommandKind,
     PayloadError,
+    Phase,
     Telemetry,
     TopicError,
     decode,
@@ -53,7 +54,7 @@ GOOD = {"seq": 1, "ts": 1.5, "phase": "hold", "pressures": [50.0, 49.0]}
     (b'{"seq": 1, "ts": NaN, "phase": "hold", "pressures": [1]}', "invalid", "ts"),
     (json.dumps({**GOOD, "pressures": ["high", 1]}).encode(), "invalid", "pressures.0"),
     (json.dumps({**GOOD, "seq": -1}).encode(), "invalid", "seq"),
-    (json.dumps({**GOOD, "phase": "dance"}).encode(), "invalid", "phase"),
+    (json.dumps({**GOOD, "phase": 7}).encode(), "invalid", "phase"),
     (json.dumps([1, 2]).encode(), "invalid", "payload"),
     (b"\xff\xfe", "not_json", "not JSON"),
     (b"x" * 20000, "too_large", "20000 bytes"),
@@ -63,6 +64,12 @@ def test_bad_payloads_raise_a_labelled_error(payload: bytes, kind: str, text: st
         decode(Channel.TELEMETRY, payload, max_bytes=16384)
     assert err.value.kind == kind
     assert text in str(err.value)
+
+
+def test_an_unknown_phase_is_read_as_unknown_not_dropped() -> None:
+    """A newer firmware's phase must not drop the sample: in a session that would be silence."""
+    msg = decode(Channel.TELEMETRY, json.dumps({**GOOD, "phase": "warmup"}).encode(), 16384)
+    assert isinstance(msg, Telemetry) and msg.phase is Phase.UNKNOWN
 
 
 def test_nan_pressures_reach_the_watchdog() -> None:
@@ -91,3 +98,31 @@ def test_start_command_needs_a_program() -> None:
         Command(cmd_id="c-1", kind=CommandKind.START, issued_at=0)
     vent = Command(cmd_id="v-1", kind=CommandKind.VENT, issued_at=0)
     assert json.loads(vent.to_payload()) == {"cmd_id": "v-1", "kind": "vent", "issued_at": 0.0}
+
+
+@pytest.mark.parametrize("name", [
+    "boots/v1/_gateway/b1/state", "boots/v1/_gateway/b1/telemetry", "boots/v1/c1/b1\n/state",
+    "boots/v1/c1\n/b1/state",
+])
+def test_reserved_clinic_and_trailing_newlines_are_not_boot_topics(name: str) -> None:
+    with pytest.raises(TopicError):
+        parse_topic(name)
+
+
+def test_a_command_topic_is_never_built_under_the_reserved_level() -> None:
+    with pytest.raises(ValueError):
+        topic("_gateway", "alarm", Channel.CMD)
+
+
+def test_deeply_nested_json_is_a_labelled_rejection_not_a_recursion_error() -> None:
+    deep = b"[" * 3000 + b"]" * 3000
+    for channel in (Channel.TELEMETRY, Channel.STATE, Channel.EVENT, Channel.ACK):
+        with pytest.raises(PayloadError) as err:
+            decode(channel, deep, max_bytes=16384)
+        assert err.value.kind == "not_json" and "nested too deeply" in str(err.value)
+
+
+def test_ids_in_payloads_refuse_a_trailing_newline() -> None:
+    payload = json.dumps({**GOOD, "session_id": "s-1\n"}).encode()
+    with pytest.raises(PayloadError):
+        decode(Channel.TELEMETRY, payload, max_bytes=16384)

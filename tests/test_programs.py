@@ -46,26 +46,27 @@ def test_catalogue_durations_match_the_recovery_guide() -> None:
 
 
 def test_above_clinic_ceiling_is_refused_with_a_reason() -> None:
-    reasons = check_program(program([105, 100, 95, 90]), BOOT, LIMITS)
+    reasons = check_program(program([105, 95, 95, 90]), BOOT, LIMITS)
     assert reasons == [
-        "chamber 1 target 105 mmHg is above the ceiling of 100 mmHg "
-        "(lowest of the boot's 120 and the clinic's 100)"
+        "chamber 1 target 105 mmHg is above 95 mmHg: the ceiling of 100 mmHg "
+        "(lowest of the boot's 120 and the clinic's 100) less a margin of 5 mmHg"
     ]
 
 
 def test_clinic_ceiling_above_the_gateway_ceiling_cannot_let_a_program_through() -> None:
     limits = ProgramLimits(clinic_ceilings={"c1": 150})
     boot = BootLimits("c1", 4, 160, True, False, gateway_ceiling_mmhg=120)
-    reasons = check_program(program([130, 120, 110, 100]), boot, limits)
+    reasons = check_program(program([130, 115, 110, 100]), boot, limits)
     assert reasons == [
-        "chamber 1 target 130 mmHg is above the ceiling of 120 mmHg "
-        "(lowest of the boot's 160, the gateway's 120 and the clinic's 150)"
+        "chamber 1 target 130 mmHg is above 115 mmHg: the ceiling of 120 mmHg "
+        "(lowest of the boot's 160, the gateway's 120 and the clinic's 150) less a margin "
+        "of 5 mmHg"
     ]
 
 
 def test_device_max_lower_than_clinic_ceiling_wins() -> None:
     boot = BootLimits("c1", 4, 80, True, False)
-    reasons = check_program(program([85, 80, 75, 70]), boot, LIMITS)
+    reasons = check_program(program([85, 75, 75, 70]), boot, LIMITS)
     assert len(reasons) == 1 and "ceiling of 80 mmHg" in reasons[0]
 
 

@@ -134,14 +134,15 @@ def test_a_restarted_boot_with_seq_from_zero_is_watched() -> None:
 def test_sustained_inflation_uses_the_program_limit() -> None:
     dog = Watchdog(LIMITS)
     w = in_session(dog, watch())
-    assert dog.inflation_limit(PROGRAM) == 27.0
+    # 4 x 4 s inflate + 6 s hold + 6 s deflate, + 5 s grace
+    assert dog.inflation_limit(PROGRAM) == 33.0
     held = [60, 40, 15, 15]
     feed = Feed(dog, w)
-    for _ in range(270):
+    for _ in range(330):
         assert feed(held) == []
     actions = feed(held, dt=0.2)
     assert [(a.rule, a.chamber, a.limit) for a in actions] == [
-        (Rule.SUSTAINED_INFLATION, 1, 27.0)]
+        (Rule.SUSTAINED_INFLATION, 1, 33.0)]
 
 
 def test_normal_cycles_never_trip_sustained_inflation() -> None:
@@ -178,14 +179,14 @@ def test_session_overrun_stops_and_vents_once() -> None:
     dog = Watchdog(LIMITS)
     w = in_session(dog, watch(), now=100.0)
     dog.on_telemetry(w, sample(SAFE, 1), 100.0)
-    for t in (200.0, 600.0, 629.0):
+    for t in (200.0, 600.0, 736.0):  # 600 s + 6 s final deflate + 30 s grace
         w.last_sample_at = t  # the boot keeps talking
         assert dog.on_tick(w, t) == []
-    w.last_sample_at = 731.0
-    actions = dog.on_tick(w, 731.0)
+    w.last_sample_at = 736.01
+    actions = dog.on_tick(w, 736.01)
     assert len(actions) == 1
     a = actions[0]
-    assert (a.rule, a.stop, a.vent, a.limit) == (Rule.SESSION_OVERRUN, True, True, 630.0)
+    assert (a.rule, a.stop, a.vent, a.limit) == (Rule.SESSION_OVERRUN, True, True, 636.0)
     assert a.action == "stop+vent"
 
 
@@ -193,8 +194,10 @@ def test_resumed_session_counts_elapsed_time() -> None:
     dog = Watchdog(LIMITS)
     w = watch()
     dog.start_session(w, "s1", PROGRAM, now=1000.0, elapsed_s=620.0)
-    w.last_sample_at = 1011.0
-    assert [a.rule for a in dog.on_tick(w, 1011.0)] == [Rule.SESSION_OVERRUN]
+    w.last_sample_at = 1016.0
+    assert dog.on_tick(w, 1016.0) == []
+    w.last_sample_at = 1017.0
+    assert [a.rule for a in dog.on_tick(w, 1017.0)] == [Rule.SESSION_OVERRUN]
 
 
 # ---------------------------------------------------------------- rule 5
