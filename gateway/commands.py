@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import secrets
 from collections import OrderedDict
@@ -41,7 +42,11 @@ class TrackedCommand:
 
 
 class CommandTracker:
-    """Keeps commands until they are acked or time out; recent ones stay for lookups and 'done'."""
+    """Keeps commands until they are acked or time out; recent ones stay for lookups and 'done'.
+
+    Timeouts are deadlines on the injected monotonic clock, checked by `expire_due` from the
+    gateway's tick: no timer of its own, so a test can drive time and the clock is one.
+    """
 
     def __init__(
         self,
@@ -54,34 +59,32 @@ class CommandTracker:
         self._on_timeout = on_timeout
         self._monotonic = monotonic
         self._commands: OrderedDict[str, TrackedCommand] = OrderedDict()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._deadlines: dict[str, tuple[float, float]] = {}  # cmd_id -> (deadline, timeout)
+        self._heap: list[tuple[float, str]] = []
         self._keep_recent = keep_recent
 
-    def track(self, key: str, command: Command) -> TrackedCommand:
+    def track(self, key: str, command: Command, timeout_s: float | None = None
+              ) -> TrackedCommand:
+        """timeout_s: how long the boot has for its first ack (default: the ack timeout)."""
         tracked = TrackedCommand(key, command, self._monotonic())
         self._commands[command.cmd_id] = tracked
         while len(self._commands) > self._keep_recent:
             old_id, old = self._commands.popitem(last=False)
-            self._cancel_timer(old_id)
+            self._deadlines.pop(old_id, None)
             if not old.first_ack.done():
                 old.first_ack.cancel()
-        loop = asyncio.get_running_loop()
-        self._timers[command.cmd_id] = loop.call_later(
-            self.ack_timeout_s, self._expire, command.cmd_id
-        )
+        self._arm(command.cmd_id, timeout_s or self.ack_timeout_s)
         return tracked
 
     def delivered(self, cmd_id: str) -> None:
         """The broker has the command: the boot's time to ack runs from now, not from when it
         was queued behind other publishes (a busy gateway must not fail commands it held)."""
         tracked = self._commands.get(cmd_id)
-        if tracked is None or tracked.first_ack.done() or cmd_id not in self._timers:
+        armed = self._deadlines.get(cmd_id)
+        if tracked is None or tracked.first_ack.done() or armed is None:
             return
-        self._cancel_timer(cmd_id)
         tracked.sent_at = self._monotonic()
-        self._timers[cmd_id] = asyncio.get_running_loop().call_later(
-            self.ack_timeout_s, self._expire, cmd_id
-        )
+        self._arm(cmd_id, armed[1])
 
     def get(self, cmd_id: str) -> TrackedCommand | None:
         return self._commands.get(cmd_id)
@@ -91,7 +94,7 @@ class CommandTracker:
         tracked = self._commands.get(ack.cmd_id)
         if tracked is None or tracked.key != key:
             return None
-        self._cancel_timer(ack.cmd_id)
+        self._deadlines.pop(ack.cmd_id, None)
         tracked.outcome = CommandOutcome(ack.status.value)
         tracked.reason = ack.reason
         if tracked.latency_s is None:
@@ -100,24 +103,28 @@ class CommandTracker:
             tracked.first_ack.set_result(tracked.outcome)
         return tracked
 
-    def _expire(self, cmd_id: str) -> None:
-        self._timers.pop(cmd_id, None)
-        tracked = self._commands.get(cmd_id)
-        if tracked is None or tracked.first_ack.done():
-            return
-        tracked.outcome = CommandOutcome.FAILED
-        tracked.reason = f"no ack within {self.ack_timeout_s:g} s"
-        tracked.first_ack.set_result(CommandOutcome.FAILED)
-        self._on_timeout(tracked)
+    def expire_due(self, now: float) -> None:
+        """Fail every command whose first ack is overdue at `now`."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, cmd_id = heapq.heappop(heap)
+            armed = self._deadlines.get(cmd_id)
+            if armed is None or armed[0] != deadline:
+                continue  # answered, re-armed or forgotten since
+            del self._deadlines[cmd_id]
+            tracked = self._commands.get(cmd_id)
+            if tracked is None or tracked.first_ack.done():
+                continue
+            tracked.outcome = CommandOutcome.FAILED
+            tracked.reason = f"no ack within {armed[1]:g} s"
+            tracked.first_ack.set_result(CommandOutcome.FAILED)
+            self._on_timeout(tracked)
 
-    def _cancel_timer(self, cmd_id: str) -> None:
-        timer = self._timers.pop(cmd_id, None)
-        if timer is not None:
-            timer.cancel()
+    def _arm(self, cmd_id: str, timeout_s: float) -> None:
+        deadline = self._monotonic() + timeout_s
+        self._deadlines[cmd_id] = (deadline, timeout_s)
+        heapq.heappush(self._heap, (deadline, cmd_id))
 
     def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-
-
+        self._deadlines.clear()
+        self._heap.clear()

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from gateway.contract import BootState, SessionProgram, Telemetry
+from gateway.journal import OpenSession
 from gateway.watchdog import BootWatch
+
+# Ended sessions remembered per boot, so a late message of one does not resume it.
+ENDED_KEPT = 8
 
 
 class SessionStatus(StrEnum):
-    STARTING = "starting"  # start sent, no ack yet
-    RUNNING = "running"
+    STARTING = "starting"  # start sent; no word from the boot yet (watched all the same)
+    RUNNING = "running"  # the boot said so: ack, event, state or telemetry
 
 
 class SessionOutcome(StrEnum):
@@ -21,7 +25,9 @@ class SessionOutcome(StrEnum):
     USER_STOP = "user_stop"
     VENTED = "vented"
     REJECTED = "rejected"
-    FAILED = "failed"  # no ack in time, or the boot went away
+    FAILED = "failed"  # no word from the boot before the start's deadline
+    LOST = "lost"  # the boot left the session without a terminal event (reboot, or it ended
+    # while the gateway was down and no queued event says how)
 
 
 @dataclass
@@ -33,10 +39,28 @@ class Session:
     status: SessionStatus = SessionStatus.STARTING
     started_at: float | None = None
     resumed: bool = False
+    left_at: float | None = None  # monotonic: when the boot's messages stopped showing it
 
     @property
     def program_name(self) -> str:
         return self.program.name if self.program else "unknown"
+
+    def journal_entry(self, key: str) -> OpenSession:
+        return OpenSession(key=key, session_id=self.session_id, cmd_id=self.cmd_id,
+                           program=self.program, requested_at=self.requested_at,
+                           started_at=self.started_at)
+
+    @classmethod
+    def from_journal(cls, entry: OpenSession) -> Session:
+        status = SessionStatus.STARTING if entry.started_at is None else SessionStatus.RUNNING
+        return cls(entry.session_id, entry.program, entry.cmd_id, entry.requested_at, status,
+                   entry.started_at)
+
+
+@dataclass(frozen=True, slots=True)
+class EndedSession:
+    session: Session
+    by_boot: bool  # the boot's own message ended it (event, ack), not a gateway decision
 
 
 @dataclass
@@ -52,11 +76,16 @@ class Boot:
     vents: int = 0
     faults: int = 0
     # sessions that ended here, so late telemetry carrying their id does not resume them
-    ended_sessions: deque[str] = field(default_factory=lambda: deque(maxlen=8))
+    ended_sessions: OrderedDict[str, EndedSession] = field(default_factory=OrderedDict)
 
     @property
     def key(self) -> str:
         return f"{self.clinic}/{self.device}"
+
+    def remember_ended(self, session: Session, by_boot: bool) -> None:
+        self.ended_sessions[session.session_id] = EndedSession(session, by_boot)
+        while len(self.ended_sessions) > ENDED_KEPT:
+            self.ended_sessions.popitem(last=False)
 
     @property
     def online(self) -> bool:

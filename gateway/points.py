@@ -97,7 +97,8 @@ def command(tracked: TrackedCommand, now_ms: int) -> Point:
 
 
 def session(
-    boot: Boot, sess: Session, outcome: str, now_ms: int, ended_at: float | None = None
+    clinic: str, device: str, sess: Session, outcome: str, now_ms: int,
+    ended_at: float | None = None,
 ) -> Point:
     fields: dict[str, FieldValue] = {
         "session_id": sess.session_id,
@@ -108,7 +109,7 @@ def session(
         fields["duration_s"] = round(ended_at - sess.started_at, 3)
     return Point(
         "session",
-        {"clinic": boot.clinic, "device": boot.device, "program": sess.program_name,
+        {"clinic": clinic, "device": device, "program": sess.program_name,
          "outcome": outcome},
         fields,
         now_ms * 1000,
@@ -151,17 +152,23 @@ def vent_confirmed(boot: Boot, confirmed: VentConfirmed, now_ms: int) -> Point:
 
 
 def alarm(a: Alarm) -> Point:
-    """One point per state change of an alarm; the latest per alarm_id is its state."""
-    fields: dict[str, FieldValue] = {"alarm_id": a.alarm_id, "detail": a.detail,
-                                     "resolved": a.resolved, "raised_at": a.raised_at}
+    """One point per state change of an alarm; the latest per alarm_id is its state.
+
+    `alarm_id` is a tag so that InfluxQL can GROUP BY it (current state: `last("detail"),
+    "state" ... GROUP BY "alarm_id"`, docs/schema.md). Ids are random, so each alarm is its own
+    series (one per state it reaches, at most three): bounded by how many alarms the
+    retention keeps, which docs/schema.md discusses.
+    """
+    fields: dict[str, FieldValue] = {"detail": a.detail, "resolved": a.resolved,
+                                     "raised_at": a.raised_at}
     if a.acked_by:
         fields["acked_by"] = a.acked_by
     if a.session_id:
         fields["session_id"] = a.session_id
     return Point(
         "alarm",
-        {"clinic": a.clinic, "device": a.device, "rule": a.rule, "severity": a.severity.value,
-         "state": a.state.value},
+        {"clinic": a.clinic, "device": a.device, "alarm_id": a.alarm_id, "rule": a.rule,
+         "severity": a.severity.value, "state": a.state.value},
         fields,
         round(a.updated_at * 1e6),
     )

@@ -44,6 +44,7 @@ from gateway.contract import (
 )
 from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
 from gateway.gc_tuning import GcPauses
+from gateway.journal import OpenSession, SessionJournal
 from gateway.lineprotocol import FieldValue
 from gateway.mqtt_link import MqttLink, NotConnected, subscribe_options
 from gateway.programs import BootLimits, check_program
@@ -135,7 +136,13 @@ class Gateway:
             [(f"{TOPIC_ROOT}/#", subscribe_options(1))],
             self.handle_message,
         )
-        self.commands: CommandTracker | None = None
+        self.commands = CommandTracker(
+            settings.command_ack_timeout_s, self._on_command_timeout, monotonic
+        )
+        self.journal = SessionJournal(settings.session_journal)
+        # sessions open at the last stop, not yet seen running or ended (see recover)
+        self._unreconciled: dict[str, OpenSession] = {}
+        self._reconcile_until: float | None = None
         self.alarms = AlarmBook()
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
         self.ready = asyncio.Event()
@@ -144,9 +151,7 @@ class Gateway:
 
     async def run(self) -> None:
         """Run until cancelled; on the way out, write what storage still holds."""
-        self.commands = CommandTracker(
-            self.settings.command_ack_timeout_s, self._on_command_timeout, self.monotonic
-        )
+        self.recover()
         self.writer.start()
         tasks = [
             asyncio.create_task(self.link.run(), name="mqtt"),
@@ -157,11 +162,13 @@ class Gateway:
         ]
         try:
             await self.link.connected.wait()
+            self.begin_reconcile()
             self.ready.set()
             await asyncio.gather(*tasks)
         finally:
             await cancel_and_wait(tasks)
             self.commands.close()
+            self.journal.close()
             await self.writer.close(timeout=10.0)
             log.info("gateway stopped", extra={"points_written": self.writer.stats.points_written})
 
@@ -193,11 +200,54 @@ class Gateway:
                 silence_hold_until = now + self.settings.watchdog.telemetry_loss_floor_s
                 self._reject_log.warning("loop-lag", "gateway event loop stalled; rule 5 "
                                          "held while the backlog drains", lag_ms=round(lag_ms, 1))
-            check_silence = now >= silence_hold_until
-            for boot in list(self.fleet.boots.values()):
-                actions = self.watchdog.on_tick(boot.watch, now, check_silence)
-                if actions:
-                    self._apply(boot, actions)
+            self.tick(now, check_silence=now >= silence_hold_until)
+
+    def tick(self, now: float, check_silence: bool = True) -> None:
+        """Everything that is due by time: rules 4, 5 and 8, ack deadlines, session ends."""
+        grace = self.settings.session_end_grace_s
+        for boot in list(self.fleet.boots.values()):
+            actions = self.watchdog.on_tick(boot.watch, now, check_silence)
+            if actions:
+                self._apply(boot, actions)
+            session = boot.session
+            if session is not None and session.left_at is not None and (
+                    now - session.left_at > grace):
+                log.warning("boot left its session without a terminal event", extra={
+                    "device": boot.key, "session_id": session.session_id})
+                self._end_session(boot, SessionOutcome.LOST, by_boot=True)
+        self.commands.expire_due(now)
+        if self._reconcile_until is not None and now >= self._reconcile_until:
+            self._reconcile_until = None
+            for entry in list(self._unreconciled.values()):
+                self._close_unreconciled(entry, SessionOutcome.LOST)
+
+    # ------------------------------------------------------------------ restart
+
+    def recover(self) -> None:
+        """Load the sessions that were open when the gateway last stopped.
+
+        Each is then resumed when the boot's retained state or telemetry shows it still
+        running, closed with the outcome of a queued terminal event, or recorded `lost` when
+        neither came within `reconcile_window_s` of the broker connection.
+        """
+        self._unreconciled = self.journal.load()
+        if self._unreconciled:
+            log.info("open sessions from the last run", extra={
+                "sessions": len(self._unreconciled)})
+
+    def begin_reconcile(self) -> None:
+        if self._unreconciled and self._reconcile_until is None:
+            self._reconcile_until = self.monotonic() + self.settings.reconcile_window_s
+
+    def _close_unreconciled(self, entry: OpenSession, outcome: SessionOutcome) -> None:
+        """A session of the last run that ended while the gateway was away: its one outcome."""
+        del self._unreconciled[entry.key]
+        clinic, device = entry.key.split("/", 1)
+        log.warning("session ended while the gateway was away", extra={
+            "device": entry.key, "session_id": entry.session_id, "outcome": outcome.value})
+        self.writer.submit(points.session(clinic, device, Session.from_journal(entry),
+                                          outcome.value, self._now_ms()))
+        self.journal.closed(entry.key, entry.session_id)
 
     async def _heartbeat(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -238,6 +288,7 @@ class Gateway:
             "boots_in_session": sum(
                 1 for b in self.fleet.boots.values() if b.session is not None
                 and b.session.status is SessionStatus.RUNNING),
+            "journal_errors": self.journal.errors,
         }
         return fields
 
@@ -314,25 +365,77 @@ class Gateway:
             log.info("boot discovered", extra={
                 "device": boot.key, "online": state.online, "firmware": state.firmware,
                 "chambers": state.chambers})
-        if state.session is not None and boot.session is None:
-            self._resume(boot, state.session.session_id)
+        if state.session is not None:
+            self._in_session(boot, state.session.session_id)
+        elif state.online:
+            self._out_of_session(boot)
         self.writer.submit(points.boot_state(boot, self._now_ms()))
 
+    def _in_session(self, boot: Boot, session_id: str, elapsed_s: float | None = None) -> None:
+        """The boot says, by any of its messages, that it runs `session_id`: watch it.
+
+        Whatever the order and timing of ack, event, state and telemetry, a boot in a session
+        by its own word is watched by every rule, even one the gateway had given up on.
+        """
+        session = boot.session
+        if session is not None and session.session_id == session_id:
+            session.left_at = None
+            if session.status is SessionStatus.STARTING:
+                self._session_running(boot)
+            return
+        ended = boot.ended_sessions.get(session_id)
+        if ended is not None and (ended.by_boot or boot.watch.venting):
+            return  # a late message of a session the boot ended, or one rule 8 is venting
+        if session is not None:
+            log.warning("boot runs another session than the gateway's", extra={
+                "device": boot.key, "gateway_session": session.session_id,
+                "boot_session": session_id})
+            self._end_session(boot, SessionOutcome.FAILED if session.status is
+                              SessionStatus.STARTING else SessionOutcome.LOST, by_boot=True)
+        self._resume(boot, session_id, elapsed_s)
+
+    def _out_of_session(self, boot: Boot) -> None:
+        """The boot's message shows no session: it may have ended it, or rebooted.
+
+        The terminal event may still be on its way (QoS 1 behind QoS 0, or a reordering), so
+        the session ends `lost` only when none came within `session_end_grace_s`.
+        """
+        session = boot.session
+        if session is not None and session.status is SessionStatus.RUNNING and (
+                session.left_at is None):
+            session.left_at = self.monotonic()
+
     def _resume(self, boot: Boot, session_id: str, elapsed_s: float | None = None) -> None:
-        """Pick up a session started before this gateway ran (restart) and watch it again."""
-        if session_id in boot.ended_sessions:
-            return  # late telemetry of a session that ended here
-        active = boot.state.session
-        program = active.program if active and active.session_id == session_id else None
-        if elapsed_s is None and active is not None and program is not None:
-            elapsed_s = max(0.0, self.clock() - active.started_at)
+        """Watch a session this gateway did not see start: a restart, or a start it had
+        given up on (a late ack). The program comes from wherever the gateway still has it."""
+        active = boot.state.session if (boot.state.session is not None and
+                                        boot.state.session.session_id == session_id) else None
+        journalled = self._unreconciled.get(boot.key)
+        if journalled is not None and journalled.session_id == session_id:
+            del self._unreconciled[boot.key]
+        else:
+            journalled = None
+        ended = boot.ended_sessions.pop(session_id, None)
+        known = (ended.session if ended is not None else
+                 Session.from_journal(journalled) if journalled is not None else None)
+        program = active.program if active else known.program if known else None
+        cmd_id = active.cmd_id if active else known.cmd_id if known else None
         now = self.clock()
-        boot.session = Session(session_id, program, active.cmd_id if program and active else None,
-                               now, SessionStatus.RUNNING, now - (elapsed_s or 0.0), resumed=True)
+        provisional = False
+        if elapsed_s is None:
+            # a guess on the boot's (or our) wall clock, until its session_elapsed_s says
+            started = (active.started_at if active else
+                       known.started_at or known.requested_at if known else now)
+            elapsed_s, provisional = max(0.0, now - started), True
+        boot.session = Session(session_id, program, cmd_id,
+                               known.requested_at if known else now, SessionStatus.RUNNING,
+                               now - elapsed_s, resumed=True)
         self.watchdog.start_session(boot.watch, session_id, program, self.monotonic(),
-                                    elapsed_s or 0.0)
+                                    elapsed_s, provisional)
         self.stats.sessions_resumed += 1
-        self.writer.submit(points.session(boot, boot.session, "resumed", self._now_ms()))
+        self.journal.opened(boot.session.journal_entry(boot.key))
+        self.writer.submit(points.session(boot.clinic, boot.device, boot.session, "resumed",
+                                          self._now_ms()))
         log.warning("session resumed", extra={
             "device": boot.key, "session_id": session_id,
             "program": program.name if program else None, "elapsed_s": elapsed_s})
@@ -360,8 +463,13 @@ class Gateway:
             return
         boot.last_seen = self.clock()
         boot.last_telemetry = sample
-        if sample.session_id is not None and boot.session is None:
-            self._resume(boot, sample.session_id, sample.session_elapsed_s)
+        session = boot.session
+        if sample.session_id is not None:
+            if session is None or session.session_id != sample.session_id or (
+                    session.status is not SessionStatus.RUNNING or session.left_at is not None):
+                self._in_session(boot, sample.session_id, sample.session_elapsed_s)
+        elif session is not None and session.left_at is None:
+            self._out_of_session(boot)
         actions = self.watchdog.on_telemetry(boot.watch, sample, self.monotonic())
         if actions:
             self._apply(boot, actions)
@@ -380,64 +488,80 @@ class Gateway:
         actions = self.watchdog.on_event(boot.watch, event, self.monotonic())
         if actions:
             self._apply(boot, actions)
-        if event.kind is EventKind.SESSION_STARTED and boot.session is not None:
-            self._session_running(boot)
+        if event.kind is EventKind.SESSION_STARTED:
+            if event.session_id is not None:
+                self._in_session(boot, event.session_id)
+            elif boot.session is not None:
+                self._in_session(boot, boot.session.session_id)
         elif event.kind in _SESSION_END:
             if boot.session is not None and event.session_id in (None, boot.session.session_id):
-                self._end_session(boot, _SESSION_END[event.kind])
+                self._end_session(boot, _SESSION_END[event.kind], by_boot=True)
+            elif event.session_id is not None:
+                entry = self._unreconciled.get(boot.key)
+                if entry is not None and entry.session_id == event.session_id:
+                    self._close_unreconciled(entry, _SESSION_END[event.kind])
         elif event.kind is EventKind.FAULT:
             boot.faults += 1
             self.writer.submit(points.device_fault(addr, "boot_fault", event.detail or "",
                                                    self._now_ms()))
 
     def _on_ack(self, addr: TopicAddress, ack: Ack) -> None:
-        assert self.commands is not None
         tracked = self.commands.on_ack(addr.key, ack)
         if tracked is None:
             self._reject(addr, "unknown_ack", f"ack for unknown command {ack.cmd_id}")
             return
         boot = self.fleet.get(addr.clinic, addr.device)
         self.writer.submit(points.command(tracked, self._now_ms()))
-        if boot is None or boot.session is None:
+        cmd = tracked.command
+        if boot is None or cmd.kind is not CommandKind.START or cmd.session_id is None:
             return
-        if tracked.command.cmd_id != boot.session.cmd_id:
-            return
+        session = boot.session
+        ours = session is not None and session.session_id == cmd.session_id
         if ack.status is AckStatus.ACCEPTED:
-            self._session_running(boot)
+            self._in_session(boot, cmd.session_id)  # late or not: the boot runs it
+        elif not ours:
+            return
         elif ack.status is AckStatus.REJECTED:
             log.warning("boot rejected session start", extra={
                 "device": boot.key, "reason": ack.reason, "cmd_id": ack.cmd_id})
-            self._end_session(boot, SessionOutcome.REJECTED)
+            self._end_session(boot, SessionOutcome.REJECTED, by_boot=True)
         elif ack.status is AckStatus.DONE:
-            self._end_session(boot, SessionOutcome.COMPLETED)
+            self._end_session(boot, SessionOutcome.COMPLETED, by_boot=True)
 
     # ------------------------------------------------------------------ sessions and actions
 
     def _session_running(self, boot: Boot) -> None:
+        """The boot confirmed a start: it has been watched since the start was sent."""
         session = boot.session
         assert session is not None
         if session.status is SessionStatus.RUNNING:
             return
         session.status = SessionStatus.RUNNING
         session.started_at = self.clock()
-        self.watchdog.start_session(boot.watch, session.session_id, session.program,
-                                    self.monotonic())
+        if boot.watch.session_id != session.session_id:
+            self.watchdog.start_session(boot.watch, session.session_id, session.program,
+                                        self.monotonic())
         log.info("session running", extra={"device": boot.key, "session_id": session.session_id,
                                            "program": session.program_name})
-        self.writer.submit(points.session(boot, session, "started", self._now_ms()))
+        self.journal.opened(session.journal_entry(boot.key))
+        self.writer.submit(points.session(boot.clinic, boot.device, session, "started",
+                                          self._now_ms()))
 
-    def _end_session(self, boot: Boot, outcome: SessionOutcome) -> None:
+    def _end_session(self, boot: Boot, outcome: SessionOutcome, *, by_boot: bool = False
+                     ) -> None:
+        """The session's one terminal outcome. by_boot: the boot's own message ended it."""
         session = boot.session
         if session is None:
             return
         boot.session = None
         boot.last_outcome = outcome
-        boot.ended_sessions.append(session.session_id)
+        boot.remember_ended(session, by_boot)
         boot.watch.end_session()
         log.info("session ended", extra={"device": boot.key, "session_id": session.session_id,
                                          "outcome": outcome.value})
-        self.writer.submit(points.session(boot, session, outcome.value, self._now_ms(),
-                                          ended_at=self.clock()))
+        self.journal.closed(boot.key, session.session_id)
+        self.writer.submit(points.session(boot.clinic, boot.device, session, outcome.value,
+                                          self._now_ms(), ended_at=self.clock()))
 
     def _apply(self, boot: Boot, actions: list[Outcome]) -> None:
         """Carry out watchdog actions: the vent goes out before anything else happens."""
@@ -518,9 +642,9 @@ class Gateway:
                                                              "kind": kind.value})
         return self._track(boot, cmd)
 
-    def _track(self, boot: Boot, cmd: Command) -> TrackedCommand:
-        assert self.commands is not None
-        tracked = self.commands.track(boot.key, cmd)
+    def _track(self, boot: Boot, cmd: Command, timeout_s: float | None = None
+               ) -> TrackedCommand:
+        tracked = self.commands.track(boot.key, cmd, timeout_s)
         self.writer.submit(points.command(tracked, self._now_ms()))
         return tracked
 
@@ -530,7 +654,9 @@ class Gateway:
             "kind": tracked.command.kind.value, "timeout_s": self.settings.command_ack_timeout_s})
         self.writer.submit(points.command(tracked, self._now_ms()))
         boot = self.fleet.boots.get(tracked.key)
-        if boot and boot.session and boot.session.cmd_id == tracked.command.cmd_id:
+        session = boot.session if boot else None
+        if (boot is not None and session is not None and session.status is SessionStatus.STARTING
+                and session.cmd_id == tracked.command.cmd_id):
             self._end_session(boot, SessionOutcome.FAILED)
 
     # ------------------------------------------------------------------ control (API, CLI)
@@ -547,6 +673,8 @@ class Gateway:
             max_pressure_mmhg=boot.state.max_pressure_mmhg, online=boot.online,
             in_session=boot.session is not None,
             gateway_ceiling_mmhg=self.settings.watchdog.hard_ceiling_mmhg,
+            gateway_max_inflation_s=self.settings.watchdog.max_inflation_s,
+            venting=boot.watch.venting,
         )
         reasons = check_program(program, limits, self.settings.programs)
         if not self.link.connected.is_set():
@@ -556,7 +684,11 @@ class Gateway:
     async def start_session(
         self, clinic: str, device: str, program: SessionProgram, *, wait: bool = True
     ) -> StartResult:
-        """Check, then send a start that expires; with wait, return after the boot's first ack."""
+        """Check, then send a start that expires; with wait, return after the boot's first ack.
+
+        The boot may accept until `expires_at`, so it has the expiry plus the ack timeout to
+        answer; the session is watched (rules 1-6) from the moment the start is sent.
+        """
         boot = self.boot(clinic, device)
         reasons = self.check(boot, program)
         if reasons:
@@ -569,15 +701,19 @@ class Gateway:
         cmd = Command(cmd_id=new_id("c"), kind=CommandKind.START, issued_at=now,
                       expires_at=now + expiry, session_id=new_id("s"), program=program)
         assert cmd.session_id is not None
-        boot.session = Session(cmd.session_id, program, cmd.cmd_id, now)
-        tracked = self._track(boot, cmd)
+        session = boot.session = Session(cmd.session_id, program, cmd.cmd_id, now)
+        self.watchdog.start_session(boot.watch, cmd.session_id, program, self.monotonic())
+        self.journal.opened(session.journal_entry(boot.key))
+        tracked = self._track(boot, cmd, expiry + self.settings.command_ack_timeout_s)
         try:
             await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
                                     qos=CHANNEL_QOS[Channel.CMD], expiry_s=expiry)
         except Exception:
-            boot.session = None
+            if boot.session is session:
+                boot.session = None
+                boot.watch.end_session()
+                self.journal.closed(boot.key, session.session_id)
             raise
-        assert self.commands is not None
         self.commands.delivered(cmd.cmd_id)
         log.info("session start sent", extra={"device": boot.key, "program": program.name,
                                               "session_id": cmd.session_id, "cmd_id": cmd.cmd_id})
@@ -595,7 +731,6 @@ class Gateway:
         tracked = self._track(boot, cmd)
         await self.link.publish(topic(clinic, device, Channel.CMD), cmd.to_payload(),
                                 qos=CHANNEL_QOS[Channel.CMD])
-        assert self.commands is not None
         self.commands.delivered(cmd.cmd_id)
         if wait:
             await tracked.first_ack

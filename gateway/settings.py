@@ -182,7 +182,22 @@ class GatewaySettings(BaseSettings):
     programs: ProgramLimits = ProgramLimits()
     api: ApiSettings = ApiSettings()
     max_payload_bytes: int = Field(16_384, ge=256, le=1_048_576)
-    command_ack_timeout_s: float = Field(5.0, gt=0, le=120)
+    command_ack_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="how long a boot has to ack a stop or vent; a start has "
+        "this plus programs.start_expiry_s, since a boot may accept it until it expires",
+    )
+    session_journal: Path | None = Field(
+        Path("state/sessions.jsonl"), description="the open sessions, kept on disk so that "
+        "after a restart every session still gets its one outcome; unset: none",
+    )
+    reconcile_window_s: float = Field(
+        10.0, gt=0, le=300, description="after a restart, how long the broker's queued events "
+        "may take to say how a journalled session ended before it is recorded 'lost'",
+    )
+    session_end_grace_s: float = Field(
+        2.0, gt=0, le=60, description="a boot whose messages stop showing its session has this "
+        "long to send the terminal event before the session is recorded 'lost'",
+    )
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
     health_interval_s: float = Field(
         10.0, gt=0, le=3600,

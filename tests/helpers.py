@@ -91,8 +91,10 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
         api=ApiSettings(port=free_port()),
         programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, start_expiry_s=5),
         watchdog=over.pop("watchdog", WatchdogSettings(telemetry_loss_floor_s=1.0)),
-        command_ack_timeout_s=5,
+        command_ack_timeout_s=over.pop("command_ack_timeout_s", 5),
         heartbeat_interval_s=0.5,
+        session_journal=over.pop("session_journal", None) or Path(
+            tempfile.mkdtemp(prefix="gw-state-")) / "sessions.jsonl",
         **over,
     )
 
