@@ -68,6 +68,7 @@ async def stack(prefix: str, **gateway_env: str) -> AsyncIterator[Stack]:
         "BOOTGW_INFLUX__URL": influx.url,
         "BOOTGW_INFLUX__DATABASE": "bench",
         "BOOTGW_INFLUX__SPOOL_DIR": str(work / "spool"),
+        "BOOTGW_SESSION_JOURNAL": str(work / "sessions.jsonl"),
         "BOOTGW_API__PORT": str(api_port),
         "BOOTGW_LOG_LEVEL": "WARNING",
         "BOOTGW_CONFIG_FILE": str(work / "none.toml"),

@@ -172,6 +172,8 @@ class SimBoot:
         self.heartbeat_interval_s: float | None = None
         self.heartbeats_received = 0
         self.self_vents = 0
+        # (clock time, cause) of every self-vent, for the report (the boot's own safety duty).
+        self.self_vents_at: list[tuple[float, str]] = []
         self._rng = random.Random(seed)
         self.model = BootModel(chambers, max_pressure_mmhg, rng=self._rng)
         self._topics = {ch: topic(clinic, device, ch) for ch in Channel}
@@ -188,8 +190,10 @@ class SimBoot:
         self._count_mismatch = False
         self._spikes: dict[int, float] = {}
         self._dropouts: dict[int, float] = {}  # chamber -> what its dead sensor reads
-        # Offset of the boot's wall clock (every `ts` it sends, its expiry check); its timers
-        # (heartbeat loss, session schedule) run on the true clock, as firmware timers would.
+        # Offset of the boot's wall clock (every `ts` it sends, its expiry check). Skews and
+        # NTP-like steps (`set_clock_skew`, `step_clock`) move only this offset: the boot's
+        # timers and its session_elapsed_s run on `clock`, which stands for the firmware's
+        # monotonic clock and is never stepped.
         self.clock_skew_s = 0.0
         # After drop_connection(): no reconnect before this clock time (reconnect_now ends it).
         self._offline_until = 0.0
@@ -249,7 +253,7 @@ class SimBoot:
         return max(HEARTBEAT_TIMEOUT_FLOOR_S, HEARTBEAT_TIMEOUT_INTERVALS * interval)
 
     def device_time(self, now: float | None = None) -> float:
-        """The boot's own wall clock: true time plus the injected skew."""
+        """The boot's own wall clock: true time plus the injected skew and steps."""
         return (self.clock() if now is None else now) + self.clock_skew_s
 
     @property
@@ -342,6 +346,18 @@ class SimBoot:
             raise ValueError(f"clock skew must be finite, got {skew_s}")
         self.clock_skew_s = float(skew_s)
         log.info("clock skew set", extra={"boot": self.key, "skew_s": skew_s})
+
+    def step_clock(self, step_s: float) -> None:
+        """Fault: an NTP step of the boot's wall clock by `step_s` (negative: backward) from
+        one sample to the next, on top of any skew; `step_clock(-step_s)` steps it back. Like
+        a skew it shows in every `ts` the boot sends (telemetry, acks, events, state) and in
+        its expiry check; its timers and `session_elapsed_s` run on the monotonic `clock` and
+        do not move."""
+        if not math.isfinite(step_s):
+            raise ValueError(f"clock step must be finite, got {step_s}")
+        self.clock_skew_s += float(step_s)
+        log.info("clock stepped", extra={"boot": self.key, "step_s": step_s,
+                                         "offset_s": self.clock_skew_s})
 
     def set_sensor_dropout(self, chamber: int, reading: float = SENSOR_MIN_MMHG) -> None:
         """Fault: this chamber's transducer is dead and reports `reading` on every sample
@@ -735,6 +751,7 @@ class SimBoot:
         self.model.vent(now)
         self._end_session()
         self.self_vents += 1
+        self.self_vents_at.append((now, cause))
         last = self.last_heartbeat_at
         log.warning("self-vent", extra={
             "boot": self.key, "session_id": session_id, "cause": cause,

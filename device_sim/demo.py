@@ -84,6 +84,7 @@ async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: L
         mqtt=mqtt.model_copy(update={"client_id": "boot-gateway-demo"}),
         influx=InfluxSettings(url=influx_url, database=db, spool_dir=log_path.parent / "spool"),
         api=ApiSettings(port=free_port()),
+        session_journal=log_path.parent / "sessions.jsonl",
     )
     gateway = Gateway(settings)
     stop = asyncio.Event()

@@ -10,7 +10,9 @@ and `clear` takes it out again; both record it on the boot (`faults_injected`,
 `device_fault` kinds it leaves. Every entry was checked against `gateway/watchdog.py` and
 `gateway/service.py` with the gateway's default settings; `expectation()` adjusts it for
 parameters that change the outcome (a spike below the ceiling, a dead sensor that reads a
-plausible value, ...).
+plausible value, ...). One entry is a requirement the gateway does not meet yet: a
+`clock_step` must cause nothing, while today's rule 3 times inflation on the boot's clock
+(see its note). It is kept as the requirement, not bent to today's gateway.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Literal
 
@@ -45,6 +47,7 @@ class FaultKind(StrEnum):
     USER_STOP = "user_stop"  # the patient presses the boot's stop button
     IGNORE_VENT = "ignore_vent"  # firmware ignores vents while a valve is stuck
     CLOCK_SKEW = "clock_skew"  # the boot's wall clock is off
+    CLOCK_STEP = "clock_step"  # an NTP step of the boot's wall clock (and optionally back)
     MALFORMED = "malformed"  # garbage / wrong-type payloads on the telemetry topic
 
 
@@ -60,6 +63,17 @@ class FaultParams(BaseModel):
     def hold_s(self) -> float | None:
         """Seconds from inject to clear: 0 for a one-off, None for the rest of the run."""
         return getattr(self, "down_s", 0.0)
+
+    @property
+    def return_s(self) -> float:
+        """Seconds after the inject at which clearing the fault is an event of its own that
+        must be judged too (a clock step's return); 0 for kinds whose clear is harmless."""
+        return 0.0
+
+    @property
+    def clock_offset_s(self) -> float:
+        """How far (either way) the fault moves the boot's wall clock, so its timestamps."""
+        return 0.0
 
 
 class NoParams(FaultParams):
@@ -125,6 +139,38 @@ class ClockSkewParams(FaultParams):
     down_s: float | None = Field(None, gt=0, le=86400,
                                  description=f"{_DOWN}; null: the rest of the run")
 
+    @property
+    def clock_offset_s(self) -> float:
+        return abs(self.skew_s)
+
+
+class ClockStepParams(FaultParams):
+    step_s: float = Field(-30.0, ge=-3600, le=3600, description="seconds the boot's wall clock "
+                          "jumps at the injection (negative: backward, as NTP does to a clock "
+                          "that ran fast)")
+    return_after_s: float | None = Field(
+        None, gt=0, le=86400, description="seconds until the clock steps back to true time "
+        "(a forward step after a backward fault); null: it stays stepped for the rest of the run")
+
+    @field_validator("step_s")
+    @classmethod
+    def _nonzero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("a step of 0 s changes nothing")
+        return value
+
+    @property
+    def hold_s(self) -> float | None:
+        return self.return_after_s
+
+    @property
+    def return_s(self) -> float:
+        return self.return_after_s or 0.0
+
+    @property
+    def clock_offset_s(self) -> float:
+        return abs(self.step_s)
+
 
 class MalformedParams(FaultParams):
     payload: MalformedKind = Field("not_json", description="what kind of garbage is sent")
@@ -143,6 +189,7 @@ PARAMS: dict[FaultKind, type[FaultParams]] = {
     FaultKind.USER_STOP: NoParams,
     FaultKind.IGNORE_VENT: IgnoreVentParams,
     FaultKind.CLOCK_SKEW: ClockSkewParams,
+    FaultKind.CLOCK_STEP: ClockStepParams,
     FaultKind.MALFORMED: MalformedParams,
 }
 
@@ -174,6 +221,9 @@ class Expectation:
     device_faults: frozenset[str] = frozenset()  # device_fault kinds it leaves in InfluxDB
     also: frozenset[str] = frozenset()  # other rules it may trigger on that boot: not false
     only_in_session: bool = False  # nothing is detected if the boot was idle
+    # The fault cuts the boot off from the gateway: its vent is the boot's own self-vent (due
+    # within its heartbeat timeout); the gateway's vent can only arrive after the reconnect.
+    self_vent: bool = False
     note: str = ""
 
     @property
@@ -219,12 +269,14 @@ EXPECTED: dict[FaultKind, Expectation] = {
     ),
     FaultKind.DISCONNECT: Expectation(
         _rules(Rule.OFFLINE_IN_SESSION), vent_expected=True, session_required=True,
-        note="the LWT makes rule 7 fire; the boot vents itself (connection lost) and receives "
-        "the gateway's vent only after it reconnects (clean start: the broker drops it)",
+        self_vent=True,
+        note="the LWT makes rule 7 fire at once; the boot vents itself (connection lost, "
+        "within its heartbeat timeout at the latest) and receives the gateway's vent only "
+        "after it reconnects (clean start: the broker drops it), so that vent is not timed",
     ),
     FaultKind.RECONNECT_STORM: Expectation(
         _rules(Rule.OFFLINE_IN_SESSION), vent_expected=True, session_required=False,
-        only_in_session=True,
+        only_in_session=True, self_vent=True,
         note="as disconnect, for each boot of the storm that was in session; idle boots "
         "just go offline and come back",
     ),
@@ -242,6 +294,14 @@ EXPECTED: dict[FaultKind, Expectation] = {
         frozenset(), vent_expected=False, session_required=False,
         note="2 s of skew change no rule; stored telemetry (stamped with the boot's time) "
         "is shifted by it",
+    ),
+    FaultKind.CLOCK_STEP: Expectation(
+        frozenset(), vent_expected=False, session_required=True,
+        note="a wall-clock step (and its return) must cause no safety event and no vent: the "
+        "gateway must time every duration on its own monotonic clock. Today's gateway times "
+        "rule 3 on the boot's timestamps, so a forward step, or the return of a backward one, "
+        "while a chamber is inflated can give a false sustained_inflation vent: a known hole, "
+        "this expectation fails until it is fixed. Stored telemetry is shifted by the step",
     ),
     FaultKind.MALFORMED: Expectation(
         frozenset(), vent_expected=False, session_required=False,
@@ -309,6 +369,13 @@ def expectation(
                 frozenset(), vent_expected=False, session_required=False,
                 also=_rules(Rule.SUSTAINED_INFLATION) if notes[0].startswith("a forward")
                 else frozenset(), note="; ".join(notes))
+    elif isinstance(params, ClockStepParams):
+        # Still nothing may happen, whatever the step (no rule is excused, unlike a skew's).
+        expiry = ProgramLimits().start_expiry_s
+        if params.step_s > expiry:
+            return replace(base, note=f"{base.note}; {params.step_s:g} s ahead is past the "
+                           f"{expiry:g} s start expiry: until the return the boot rejects "
+                           "every start as expired (sessions fail, no safety event)")
     return base
 
 
@@ -410,6 +477,9 @@ async def inject(boot: SimBoot, fault: PlannedFault) -> None:
             case FaultKind.CLOCK_SKEW:
                 assert isinstance(p, ClockSkewParams)
                 boot.set_clock_skew(p.skew_s)
+            case FaultKind.CLOCK_STEP:
+                assert isinstance(p, ClockStepParams)
+                boot.step_clock(p.step_s)
             case FaultKind.MALFORMED:
                 assert isinstance(p, MalformedParams)
                 for _ in range(p.count):
@@ -437,6 +507,9 @@ async def clear(boot: SimBoot, fault: PlannedFault) -> None:
             boot.model.clear_stuck(_chamber0(boot, fault))
         case FaultKind.CLOCK_SKEW:
             boot.set_clock_skew(0.0)
+        case FaultKind.CLOCK_STEP:  # the return: stepped back by as much, to true time
+            assert isinstance(fault.params, ClockStepParams)
+            boot.step_clock(-fault.params.step_s)
         case _:
             return
     boot.record_fault(fault.kind.value, cleared=True)

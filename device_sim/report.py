@@ -17,16 +17,26 @@ Matching rules, in one place so they can be argued about:
   it is timed on the boot's clock), **missed** if there is none, **not_vented** if it was
   detected in time but no vent ever reached the boot. The search for a late detection stops
   at the boot's next injection, which owns the detections after it.
+* A fault that cuts the boot off from the gateway (``self_vent_within_s`` set: ``disconnect``,
+  ``reconnect_storm``) is judged by the gateway's detection (e.g. the LWT's
+  ``offline_in_session``, within ``detect_within_s``) and by the boot's **own self-vent**
+  (a ``SelfVent``, within ``self_vent_within_s``, its heartbeat timeout), not by the gateway's
+  vent: that one can only reach the boot after the reconnect, however long it was away.
+  No self-vent is **not_vented**, a later one **late**.
 * An injection that expects nothing (``expected_rules`` empty, no device fault, no vent, e.g.
-  ``slow_leak`` or ``clock_skew``) fails as **unexpected_detection** when any safety event hits
-  that boot within ``[at - CLOCK_SLACK_S, at + detect_within_s]``.
+  ``slow_leak``, ``clock_skew`` or ``clock_step``) fails as **unexpected_detection** when any
+  safety event hits that boot within ``[at - CLOCK_SLACK_S, end + detect_within_s]``, where
+  ``end`` is ``cleared_at`` when the fault was taken out (a clock step's return is a step of
+  its own), else ``at``.
 * A vent is **false** unless its boot had an injection with ``vent_expected`` and the vent
-  came within ``[at - CLOCK_SLACK_S, at + detect_within_s + AFTERMATH_S]`` (the aftermath
-  covers re-sent vents of the same episode, rule 8).
+  came within ``[at - CLOCK_SLACK_S, end + detect_within_s + AFTERMATH_S]`` (the aftermath
+  covers re-sent vents of the same episode, rule 8; ``end`` as above, so the vent a
+  disconnected boot gets after its reconnect belongs to its fault).
 * A safety event is **unexplained** unless it matched an injection, was already reported as
   an unexpected detection, or falls within the same aftermath window of an injection that
   expected a reaction. Unexplained events are listed and never fail the run by themselves:
   when they caused a vent, that vent fails it as a false vent. One failure, counted once.
+  Self-vents outside such a window are listed in a note (the gateway's heartbeat stalled?).
 """
 
 from __future__ import annotations
@@ -76,6 +86,17 @@ class Injection(_Input):
         False, description="detected as a device_fault (e.g. malformed payloads), not a rule"
     )
     detect_within_s: float = Field(gt=0, description="deadline after `at` for detection")
+    cleared_at: float | None = Field(
+        None, description="when the fault was taken out again, unix s (simulator clock): a "
+        "reconnect, a clock step's return; None for one-off faults and those still in at the end")
+    self_vent_within_s: float | None = Field(
+        None, gt=0, description="the fault cuts the boot off from the gateway: the vent judged "
+        "is the boot's own self-vent, due within this many seconds (its heartbeat timeout)")
+
+    @property
+    def end(self) -> float:
+        """When the fault stopped acting: cleared_at, else the injection itself."""
+        return self.at if self.cleared_at is None else max(self.at, self.cleared_at)
 
     @property
     def expects_reaction(self) -> bool:
@@ -99,7 +120,15 @@ class VentSeen(_Input):
     at: float
 
 
-_Timed = TypeVar("_Timed", Detection, VentSeen)
+class SelfVent(_Input):
+    """A simulated boot venting itself (connection or heartbeat lost), on the boot's clock."""
+
+    boot: str
+    at: float
+    cause: str = ""
+
+
+_Timed = TypeVar("_Timed", Detection, VentSeen, SelfVent)
 
 
 class Trace(_Input):
@@ -175,6 +204,8 @@ class InjectionResult(BaseModel):
     delay_s: float | None = Field(None, description="detection.at - at; may be slightly < 0")
     vent_at: float | None = None
     vent_delay_s: float | None = None
+    vented_by: Literal["gateway", "boot"] | None = Field(
+        None, description="whose vent was judged: the gateway's, or the boot's own self-vent")
     detail: str
 
 
@@ -193,7 +224,8 @@ class ReactionTimes(BaseModel):
     """Delays of detected and late injections: the numbers a release is compared on."""
 
     detection: DelayStats = Field(description="fault injected -> safety event/fault stored")
-    vent: DelayStats = Field(description="fault injected -> vent received by the boot")
+    vent: DelayStats = Field(description="fault injected -> vent at the boot (received from "
+                             "the gateway, or its self-vent where the gateway cannot reach it)")
     reaction: DelayStats = Field(description="per injection: vent delay if vented, else detection")
 
 
@@ -229,6 +261,7 @@ class Report(BaseModel):
     sessions_started_fraction: float
     false_vents: list[VentSeen]
     unexplained_detections: list[Detection]
+    unexplained_self_vents: list[SelfVent] = Field(default_factory=list)
     injections: list[InjectionResult]
     traced_boots: list[str] = Field(default_factory=list)
 
@@ -279,8 +312,8 @@ def _counts_for(d: Detection, inj: Injection) -> bool:
     return d.rule in inj.expected_rules
 
 
-def _judge(inj: Injection, horizon: float, dets: list[Detection], vents: list[VentSeen]
-           ) -> tuple[InjectionResult, Detection | None]:
+def _judge(inj: Injection, horizon: float, dets: list[Detection], vents: list[VentSeen],
+           self_vents: Sequence[SelfVent] = ()) -> tuple[InjectionResult, Detection | None]:
     """Outcome of one injection, and the detection it claimed (to tell explained events)."""
     lo = inj.at - CLOCK_SLACK_S
     deadline = inj.at + inj.detect_within_s
@@ -288,33 +321,46 @@ def _judge(inj: Injection, horizon: float, dets: list[Detection], vents: list[Ve
     what = _what(inj)
 
     if not inj.expects_reaction:
-        hit = next((d for d in dets if d.source == "safety_event" and lo <= d.at <= deadline),
+        quiet_until = inj.end + inj.detect_within_s
+        hit = next((d for d in dets if d.source == "safety_event" and lo <= d.at <= quiet_until),
                    None)
+        cleared = inj.cleared_at is not None
         if hit is None:
+            span = (f"while it lasted ({inj.end - inj.at:.1f} s) and {inj.detect_within_s:g} s "
+                    "after it was cleared" if cleared else f"within {inj.detect_within_s:g} s")
             return InjectionResult(
                 **base, outcome=Outcome.OK_NOTHING_EXPECTED, passed=True,
-                detail=f"{what}: no safety event within {inj.detect_within_s:g} s, as expected."
-            ), None
+                detail=f"{what}: no safety event {span}, as expected."), None
+        after_clear = (f" ({hit.at - inj.end:.2f} s after it was cleared)"
+                       if cleared and hit.at >= inj.end else "")
         return InjectionResult(
             **base, outcome=Outcome.UNEXPECTED_DETECTION, passed=False, rule=hit.rule,
             source=hit.source, detected_at=hit.at, delay_s=hit.at - inj.at,
             detail=(f"{what} should cause no safety event, but {hit.rule} fired "
-                    f"{hit.at - inj.at:.2f} s after the injection."),
+                    f"{hit.at - inj.at:.2f} s after the injection{after_clear}."),
         ), hit
 
     match = None
     if inj.expected_rules or inj.expect_device_fault:
         match = next((d for d in dets if lo <= d.at < horizon and _counts_for(d, inj)), None)
-    vent = None
+    by_boot = inj.self_vent_within_s is not None  # cut off: the boot's own vent is judged
+    vent: VentSeen | SelfVent | None = None
     if inj.vent_expected:
-        vent = next((v for v in vents if lo <= v.at < horizon), None)
+        pool: Sequence[VentSeen | SelfVent] = self_vents if by_boot else vents
+        vent = next((v for v in pool if lo <= v.at < horizon), None)
     found: dict[str, object] = {}
     if match is not None:
         found |= {"rule": match.rule, "source": match.source, "detected_at": match.at,
                   "delay_s": match.at - inj.at}
     if vent is not None:
-        found |= {"vent_at": vent.at, "vent_delay_s": vent.at - inj.at}
-    vent_deadline = deadline + CLOCK_SLACK_S
+        found |= {"vent_at": vent.at, "vent_delay_s": vent.at - inj.at,
+                  "vented_by": "boot" if by_boot else "gateway"}
+    if inj.self_vent_within_s is not None:
+        vent_deadline = inj.at + inj.self_vent_within_s
+        vent_limit = f"its heartbeat timeout, {inj.self_vent_within_s:g} s"
+    else:
+        vent_deadline = deadline + CLOCK_SLACK_S
+        vent_limit = f"{inj.detect_within_s:g} s"
     limit = f"{inj.detect_within_s:g} s"
 
     def result(outcome: Outcome, detail: str) -> tuple[InjectionResult, Detection | None]:
@@ -329,19 +375,23 @@ def _judge(inj: Injection, horizon: float, dets: list[Detection], vents: list[Ve
         if match.at > deadline:
             return result(Outcome.LATE, f"{what} was detected late: {took} (limit {limit}).")
         if inj.vent_expected and vent is None:
-            return result(Outcome.NOT_VENTED,
-                          f"{what} was detected ({took}) but no vent reached the boot.")
+            return result(Outcome.NOT_VENTED, f"{what} was detected ({took}) but " + (
+                f"the boot did not vent itself (due within {vent_limit})." if by_boot
+                else "no vent reached the boot."))
         if vent is not None and vent.at > vent_deadline:
-            return result(Outcome.LATE, f"{what} was vented late: the vent reached the boot "
-                                        f"{vent.at - inj.at:.2f} s after the injection "
-                                        f"(limit {limit}).")
+            return result(Outcome.LATE, f"{what} was vented late: " + (
+                "the boot vented itself" if by_boot else "the vent reached the boot")
+                + f" {vent.at - inj.at:.2f} s after the injection (limit {vent_limit}).")
+        if by_boot and vent is not None:
+            took += f"; the boot vented itself after {vent.at - inj.at:.2f} s"
         return result(Outcome.DETECTED, f"{what} was detected: {took}.")
     # a vent is the only reaction expected
     if vent is None:
-        return result(Outcome.MISSED, f"{what} was not vented: no vent reached the boot.")
+        return result(Outcome.MISSED, f"{what} was not vented: " + (
+            "the boot did not vent itself." if by_boot else "no vent reached the boot."))
     took = f"{vent.at - inj.at:.2f} s"
     if vent.at > vent_deadline:
-        return result(Outcome.LATE, f"{what} was vented late: after {took} (limit {limit}).")
+        return result(Outcome.LATE, f"{what} was vented late: after {took} (limit {vent_limit}).")
     return result(Outcome.DETECTED, f"{what} was vented after {took}.")
 
 
@@ -366,10 +416,12 @@ def build_report(
     vents: Sequence[VentSeen],
     traces: Sequence[Trace],
     expectations: Expectations,
+    self_vents: Sequence[SelfVent] = (),
 ) -> Report:
     """Judge a run against its expectations (rules in the module docstring)."""
     dets = _by_boot(detections)
     vents_by = _by_boot(vents)
+    self_vents_by = _by_boot(self_vents)
     injs = sorted(injections, key=lambda i: (i.at, i.boot))
     inj_by: dict[str, list[Injection]] = defaultdict(list)
     for inj in injs:
@@ -381,7 +433,8 @@ def build_report(
         later = [o.at for o in inj_by[inj.boot] if o.at > inj.at]
         horizon = (max(min(later) - CLOCK_SLACK_S, inj.at + inj.detect_within_s)
                    if later else math.inf)
-        res, det = _judge(inj, horizon, dets[inj.boot], vents_by[inj.boot])
+        res, det = _judge(inj, horizon, dets[inj.boot], vents_by[inj.boot],
+                          self_vents_by[inj.boot])
         results.append(res)
         if det is not None:
             claimed.add(id(det))
@@ -389,7 +442,7 @@ def build_report(
     def covered(boot: str, at: float, *, vent: bool) -> bool:
         return any(
             (i.vent_expected if vent else i.expects_reaction)
-            and i.at - CLOCK_SLACK_S <= at <= i.at + i.detect_within_s + AFTERMATH_S
+            and i.at - CLOCK_SLACK_S <= at <= i.end + i.detect_within_s + AFTERMATH_S
             for i in inj_by.get(boot, ())
         )
 
@@ -400,6 +453,11 @@ def build_report(
                    if d.source == "safety_event" and id(d) not in claimed
                    and not covered(d.boot, d.at, vent=False)]
     unexplained.sort(key=lambda d: d.at)
+    lone_self_vents = sorted(
+        (v for vs in self_vents_by.values() for v in vs if not any(
+            i.self_vent_within_s is not None
+            and i.at - CLOCK_SLACK_S <= v.at <= i.end + i.detect_within_s + AFTERMATH_S
+            for i in inj_by.get(v.boot, ()))), key=lambda v: v.at)
 
     failures = [r.detail for r in results if not r.passed]
     notes: list[str] = []
@@ -445,6 +503,13 @@ def build_report(
             f"{len(unexplained)} safety events not explained by an injected fault ("
             + ", ".join(f"{r} {n}x" for r, n in rules.most_common())
             + "); listed in the JSON, they fail the run only through a vent they caused.")
+    if lone_self_vents:
+        causes = Counter(v.cause or "?" for v in lone_self_vents)
+        notes.append(
+            f"{len(lone_self_vents)} self-vents by boots no injected fault cut off ("
+            + ", ".join(f"{c} {n}x" for c, n in causes.most_common()) + "): "
+            f"{_boot_list([v.boot for v in lone_self_vents])}; did the gateway's heartbeat "
+            "stall?")
     if totals.connect_failures or totals.boots_connected < totals.boots:
         notes.append(f"{totals.boots_connected} of {totals.boots} boots connected "
                      f"({totals.connect_failures} connect failures).")
@@ -464,6 +529,7 @@ def build_report(
         sessions_started_fraction=fraction,
         false_vents=false_vents,
         unexplained_detections=unexplained,
+        unexplained_self_vents=lone_self_vents,
         injections=results,
         traced_boots=[t.boot for t in traces],
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -33,6 +34,9 @@ from device_sim.scenario import Scenario, load_scenario
 FD_PER_BOOT = 1  # one MQTT socket each
 FD_MARGIN = 200  # per process: stdio, HTTP clients, the event loop's own
 STORAGE_SETTLE_S = 3.0  # the gateway writes in batches: wait this long for the last ones
+# Telemetry is stamped with each boot's own clock: the stored-telemetry count looks this much
+# beyond the run's wall-clock span on both sides, besides the largest injected clock offset.
+CLOCK_MARGIN_S = 60.0
 OVERLOAD_LAG_S = 1.0  # a simulator process this far behind makes its own timings suspect
 
 
@@ -95,6 +99,8 @@ class Detections:
         self.client = httpx.AsyncClient(base_url=scenario.influx.url, headers=headers,
                                         timeout=30)
         self.clinics = "/^" + re.escape(scenario.fleet.clinic_prefix) + r"\d+$/"
+        # How far a boot's clock may be from true time in this run (skews and steps injected).
+        self.clock_margin_s = scenario.max_clock_offset_s() + CLOCK_MARGIN_S
 
     async def query(self, q: str) -> list[dict[str, Any]]:
         r = await self.client.post("/query", params={"db": self.influx.database, "q": q,
@@ -125,19 +131,31 @@ class Detections:
                                            at=r["time"] / 1000, source=source))
         return sorted(found, key=lambda d: d.at)
 
-    async def telemetry_by_boot(self, since: float) -> dict[str, int]:
-        series = await self.query(f"SELECT count(seq) FROM telemetry WHERE {self._where(since)} "
-                                  "GROUP BY clinic, device")
+    async def telemetry_by_boot(self, since: float, until: float | None = None
+                                ) -> dict[str, int]:
+        """Stored samples per boot sent between `since` and `until` (default now), true time.
+
+        Samples are stamped with the boot's own clock (gateway.points.telemetry_time_us), so a
+        boot whose clock was behind (or stepped back) stored them before `since`: the window
+        is widened by the largest clock offset the scenario injects, plus a margin.
+        """
+        until = time.time() if until is None else until
+        lo = int((since - self.clock_margin_s) * 1000)
+        hi = int((until + self.clock_margin_s) * 1000)
+        series = await self.query(
+            f"SELECT count(seq) FROM telemetry WHERE clinic =~ {self.clinics} AND "
+            f"time >= {lo}ms AND time <= {hi}ms GROUP BY clinic, device")
         return {f"{s['tags']['clinic']}/{s['tags']['device']}": int(s["values"][0][1])
                 for s in series}
 
-    async def settled_counts(self, since: float) -> tuple[list[rpt.Detection], dict[str, int]]:
+    async def settled_counts(self, since: float, until: float | None = None
+                             ) -> tuple[list[rpt.Detection], dict[str, int]]:
         """Detections and stored telemetry per boot once two reads in a row agree."""
         last: tuple[int, int] | None = None
         deadline = time.monotonic() + 60
         while True:
             events = await self.events(since)
-            by_boot = await self.telemetry_by_boot(since)
+            by_boot = await self.telemetry_by_boot(since, until)
             now = (len(events), sum(by_boot.values()))
             if last == now or time.monotonic() > deadline:
                 return events, by_boot
@@ -223,7 +241,7 @@ async def run(path: Path, out: Path, *, live: bool = True,
         finals = [w.final or {} for w in workers]
         elapsed = time.time() - started
         if detections is not None:
-            found, stored_by_boot = await detections.settled_counts(started)
+            found, stored_by_boot = await detections.settled_counts(started, time.time())
             stored: int | None = sum(stored_by_boot.values())
             # What the gateway saw of the shutdown itself is no finding of the run.
             found = [d for d in found if d.at <= stopped_at]
@@ -237,7 +255,7 @@ async def run(path: Path, out: Path, *, live: bool = True,
             await detections.client.aclose()
     traces = [rpt.Trace(**t) for f in finals for t in f.get("traces", [])]
     report = _report(sc, finals, traces, found, stored, elapsed, n, fd_limit, fd_note,
-                     connected)
+                     connected, stopped_at)
     if stored_by_boot:
         sent_by_boot = {k: v for f in finals for k, v in f.get("telemetry_by_boot", {}).items()}
         short = {k: v - stored_by_boot.get(k, 0) for k, v in sent_by_boot.items()
@@ -253,7 +271,8 @@ async def run(path: Path, out: Path, *, live: bool = True,
 def _report(sc: Scenario, finals: list[dict[str, Any]], traces: list[rpt.Trace],
             found: list[rpt.Detection],
             stored: int | None, elapsed: float, processes: int, fd_limit: int,
-            fd_note: str | None, connected: int) -> rpt.Report:
+            fd_note: str | None, connected: int,
+            stopped_at: float = math.inf) -> rpt.Report:
     injections = []
     for f in finals:
         for j in f.get("injections", []):
@@ -262,8 +281,11 @@ def _report(sc: Scenario, finals: list[dict[str, Any]], traces: list[rpt.Trace],
                 chamber=None if j["chamber"] is None else j["chamber"] - 1,
                 expected_rules=j["expected_rules"], vent_expected=j["vent_expected"],
                 expect_device_fault=j["expect_device_fault"],
-                detect_within_s=j["detect_within_s"]))
+                detect_within_s=j["detect_within_s"], cleared_at=j.get("cleared_at"),
+                self_vent_within_s=j.get("self_vent_within_s")))
     vents = [rpt.VentSeen(boot=b, at=at) for f in finals for b, at in f.get("vents_seen", [])]
+    self_vents = [rpt.SelfVent(boot=b, at=at, cause=cause) for f in finals
+                  for b, at, cause in f.get("self_vents_seen", []) if at <= stopped_at]
     sent = sum(f.get("telemetry_sent", 0) for f in finals)
     totals = rpt.Totals(
         scenario=sc.name, boots=sc.fleet.boots, clinics=sc.fleet.clinics, processes=processes,
@@ -280,7 +302,8 @@ def _report(sc: Scenario, finals: list[dict[str, Any]], traces: list[rpt.Trace],
     expectations = rpt.Expectations(
         false_vents=sc.expect.false_vents, telemetry_stored=sc.expect.telemetry_stored,
         min_sessions_started_fraction=sc.expect.min_sessions_started_fraction)
-    report = rpt.build_report(totals, injections, found, vents, traces, expectations)
+    report = rpt.build_report(totals, injections, found, vents, traces, expectations,
+                              self_vents)
     skipped = [s for f in finals for s in f.get("skipped", [])]
     if skipped:
         report.notes.append(f"{len(skipped)} planned fault(s) not injected: "

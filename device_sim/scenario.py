@@ -12,6 +12,8 @@ from `at_s` until its end (`params.down_s`, or the rest of the run for open-ende
 the kind's detection window plus RECOVERY_S (15 s, for the vent to be confirmed and a new
 session to start); no other fault is planned on that boot in that span. So each boot has at
 most one fault at a time and every safety event on it can be attributed to that one fault.
+A fault whose clear is an event of its own (a `clock_step`'s return, `params.return_s`) must
+leave that event's detection window inside the run as well.
 Exact times are booked first and refused if they do not fit; a random arrival that finds no
 free boot is left out. Faults that need a session go only to `session_boots()` and not before
 `sessions.start_within_s` + 2 s; every fault leaves its detection window inside the run.
@@ -324,6 +326,11 @@ class Scenario(_Strict):
         return expectation(fault.kind, fault.params,
                            ceiling_mmhg=default_ceiling_mmhg(self.fleet.max_pressure_mmhg))
 
+    def max_clock_offset_s(self) -> float:
+        """The furthest any boot's wall clock (so its telemetry timestamps) is moved from true
+        time by the faults of this run (clock_skew, clock_step); 0 without such faults."""
+        return max((abs(spec.params.clock_offset_s) for spec in self.faults), default=0.0)
+
     def fault_plan(self, seed: int | None = None) -> list[PlannedFault]:
         """Every fault of the run, by time: deterministic for a seed (default: `seed`)."""
         plan, problems = self._expand(self.seed if seed is None else seed)
@@ -425,18 +432,21 @@ class Scenario(_Strict):
                                    f"the boots have {self.fleet.chambers} chambers"))
         window = self.detect_window(kind)
         earliest = self._earliest_s(kind)
+        back = spec.params.return_s  # a clock step's return is judged too
         for j, at in enumerate(spec.at_s or ()):
-            if at + window > self.duration_s:
-                out.append(Problem((*loc, "at_s", j), f"{at:g} s + the {window:g} s detection "
-                                   f"window ends after the run ({self.duration_s:g} s)"))
+            if at + back + window > self.duration_s:
+                ret = f" + the return after {back:g} s" if back else ""
+                out.append(Problem((*loc, "at_s", j), f"{at:g} s{ret} + the {window:g} s "
+                                   f"detection window ends after the run ({self.duration_s:g} s)"))
             elif at < earliest:
                 out.append(Problem((*loc, "at_s", j), f"{kind.value} needs a running session: "
                                    f"not before {earliest:g} s (sessions.start_within_s + "
                                    f"{SESSION_SETTLE_S:g})"))
-        if spec.rate_per_boot_hour is not None and earliest >= self.duration_s - window:
+        if spec.rate_per_boot_hour is not None and earliest >= self.duration_s - window - back:
             out.append(Problem((*loc, "rate_per_boot_hour"), "no time left for it: the run "
                                f"is {self.duration_s:g} s, faults may start from {earliest:g} s "
-                               f"and need a {window:g} s detection window"))
+                               f"and need a {window:g} s detection window"
+                               + (f" after their {back:g} s return" if back else "")))
         return out
 
     # ------------------------------------------------------------------ the plan
@@ -455,7 +465,8 @@ class Scenario(_Strict):
             assert spec.rate_per_boot_hour is not None
             pool = len(in_session) if EXPECTED[spec.kind].session_required else len(everyone)
             rate = spec.rate_per_boot_hour * pool / 3600.0
-            t, end = self._earliest_s(spec.kind), self.duration_s - self.detect_window(spec.kind)
+            t = self._earliest_s(spec.kind)
+            end = self.duration_s - self.detect_window(spec.kind) - spec.params.return_s
             if rate * (end - t) > MAX_PLANNED_FAULTS:
                 return [], [Problem(("faults", i, "rate_per_boot_hour"), f"about "
                                     f"{rate * (end - t):.0f} faults: more than "

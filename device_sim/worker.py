@@ -189,17 +189,24 @@ class Shard:
             self.faulted.add(f.boot_index)
             exp = self.scenario.expectation(f)  # with this fault's params, for this fleet
             quiet = exp.only_in_session and not was_in_session
-            self.injections.append({
+            record = {
                 "boot": boot.key, "kind": f.kind.value, "at": boot.clock(),
                 "at_s": f.at_s, "chamber": f.chamber, "in_session": was_in_session,
                 "detect_within_s": f.detect_within_s, "params": f.params.model_dump(),
                 "expected_rules": [] if quiet else sorted(exp.detected_by),
                 "vent_expected": exp.vent_expected and not quiet,
                 "expect_device_fault": bool(exp.device_faults) and not quiet,
-            })
+                # Cut off from the gateway: the boot's own vent is due within this.
+                "self_vent_within_s": (boot.effective_heartbeat_timeout_s
+                                       if exp.self_vent and exp.vent_expected and not quiet
+                                       and boot.self_vent else None),
+                "cleared_at": None,
+            }
+            self.injections.append(record)
             if f.clear_at_s is not None:
                 await asyncio.sleep(max(0.0, t0 + f.clear_at_s - time.time()))
                 await clear(boot, f)
+                record["cleared_at"] = boot.clock()
 
         results = await asyncio.gather(*(one(f) for f in self.plan), return_exceptions=True)
         for f, result in zip(self.plan, results, strict=True):
@@ -260,6 +267,8 @@ class Shard:
         return {
             **self.stats(), "injections": self.injections, "skipped": self.skipped,
             "vents_seen": vents, "traces": list(self.traces.values()),
+            "self_vents_seen": [[b.key, at, cause] for b in self.boots.values()
+                                for at, cause in b.self_vents_at],
             "telemetry_by_boot": {b.key: b.telemetry_sent for b in self.boots.values()},
             "session_failures": self.session_failures[:50],
             "connect_failures": self.connect_failures,

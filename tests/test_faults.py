@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import secrets
@@ -27,6 +28,7 @@ from device_sim.faults import (
     PARAMS,
     VENT_WORTHY,
     ClockSkewParams,
+    ClockStepParams,
     DisconnectParams,
     FaultKind,
     FaultNotApplied,
@@ -117,8 +119,13 @@ def test_expected_covers_every_kind_with_real_rule_names() -> None:
         assert not exp.vent_expected or exp.detected_by, kind
     assert VENT_WORTHY == {k for k, e in EXPECTED.items() if e.vent_expected}
     # The benign kinds: the gateway must do nothing, and above all not vent.
-    for kind in (FaultKind.SLOW_LEAK, FaultKind.CLOCK_SKEW, FaultKind.MALFORMED):
+    for kind in (FaultKind.SLOW_LEAK, FaultKind.CLOCK_SKEW, FaultKind.CLOCK_STEP,
+                 FaultKind.MALFORMED):
         assert not EXPECTED[kind].vent_expected and not EXPECTED[kind].detected_by
+    # Faults that cut the boot off are judged by its own self-vent (the gateway's vent can
+    # only arrive after the reconnect); every other kind by what the gateway does.
+    assert {k for k, e in EXPECTED.items() if e.self_vent} == {
+        FaultKind.DISCONNECT, FaultKind.RECONNECT_STORM}
     assert EXPECTED[FaultKind.MALFORMED].device_faults == {"not_json"}
     assert EXPECTED[FaultKind.USER_STOP].detected_by == {"user_stop"}
     assert not EXPECTED[FaultKind.USER_STOP].vent_expected
@@ -150,6 +157,16 @@ def test_expectation_follows_the_parameters() -> None:
     assert expectation(skew, ClockSkewParams(skew_s=grace)).also == {"sustained_inflation"}
     far = expectation(skew, ClockSkewParams(skew_s=60))
     assert "expired" in far.note and not far.vent_expected
+    # A clock step must cause nothing, either way and whatever its size: unlike a skew, no
+    # rule is excused (the gateway must time durations on its monotonic clock).
+    step = FaultKind.CLOCK_STEP
+    for params in (ClockStepParams(), ClockStepParams(step_s=-30, return_after_s=25),
+                   ClockStepParams(step_s=grace + 10), ClockStepParams(step_s=3600)):
+        exp = expectation(step, params)
+        assert not exp.detectable and not exp.vent_expected and exp.also == set(), params
+    assert "expired" in expectation(step, ClockStepParams(step_s=60)).note
+    with pytest.raises(ValueError):
+        ClockStepParams(step_s=0)
 
 
 def test_nominal_detection_times_follow_the_gateway_defaults() -> None:
@@ -270,6 +287,66 @@ async def test_clock_skew_shows_in_what_the_boot_sends_and_in_its_expiry_check()
         boot.set_clock_skew(math.inf)
 
 
+class RecordingClient:
+    """Stands in for the MQTT client: keeps what the boot publishes, per channel."""
+
+    def __init__(self, clinic: str, device: str) -> None:
+        self.channels = {topic(clinic, device, ch): ch for ch in Channel}
+        self.sent: list[tuple[Channel, dict[str, Any]]] = []
+
+    async def publish(self, topic_: str, payload: bytes, qos: int = 0, retain: bool = False,
+                      timeout: float | None = None) -> None:
+        self.sent.append((self.channels[topic_], json.loads(payload)))
+
+    def last(self, channel: Channel) -> dict[str, Any]:
+        return next(m for ch, m in reversed(self.sent) if ch is channel)
+
+
+async def test_clock_step_moves_every_timestamp_but_not_the_session_clock() -> None:
+    """An NTP step back and its return: ts of telemetry, acks and events follow the stepped
+    wall clock; session_elapsed_s, timed on the boot's monotonic clock, never goes back."""
+    clock = FakeClock()
+    boot = SimBoot("c1", "d1", MqttSettings(host="127.0.0.1", port=1), seed=1, clock=clock,
+                   telemetry_qos=1, self_vent=False)
+    client = RecordingClient("c1", "d1")
+    boot._set_client(client)  # type: ignore[arg-type]
+    await boot.handle_command(start_cmd(clock.t))
+    samples: list[dict[str, Any]] = []
+
+    async def sample(dt: float = 1.0) -> dict[str, Any]:
+        clock.t += dt
+        await boot._sample()
+        samples.append(client.last(Channel.TELEMETRY))
+        return samples[-1]
+
+    assert (await sample())["ts"] == clock.t
+    fault = planned(FaultKind.CLOCK_STEP, ClockStepParams(step_s=-30, return_after_s=3))
+    await inject(boot, fault)
+    assert boot.faults_injected[-1] == (clock.t, "clock_step")  # recorded on true time
+    assert (await sample())["ts"] == pytest.approx(clock.t - 30.0)
+    await boot.handle_command(start_cmd(clock.t - 30.0))  # busy: refused, on the stepped clock
+    assert client.last(Channel.ACK)["status"] == "rejected"
+    assert client.last(Channel.ACK)["ts"] == pytest.approx(clock.t - 30.0)
+    await sample()
+    clock.t += 2.0
+    await clear(boot, fault)  # the return: 30 s forward, back to true time
+    assert boot.faults_cleared[-1] == (clock.t, "clock_step")
+    assert (await sample())["ts"] == clock.t and boot.clock_skew_s == 0.0
+    assert [round(b["ts"] - a["ts"]) for a, b in itertools.pairwise(samples)] == [-29, 1, 33]
+    elapsed = [m["session_elapsed_s"] for m in samples]
+    assert elapsed == pytest.approx([1.0, 2.0, 3.0, 6.0])  # the session's own clock: no steps
+    # A step without a return stays; a vent's ack and event carry the stepped time.
+    await inject(boot, planned(FaultKind.CLOCK_STEP, ClockStepParams(step_s=-30)))
+    await sample()
+    assert samples[-1]["session_elapsed_s"] == pytest.approx(7.0)
+    await boot.handle_command(Command(cmd_id="v-1", kind=CommandKind.VENT, issued_at=clock.t))
+    assert client.last(Channel.ACK)["ts"] == pytest.approx(clock.t - 30.0)
+    assert client.last(Channel.EVENT)["kind"] == "vented"
+    assert client.last(Channel.EVENT)["ts"] == pytest.approx(clock.t - 30.0)
+    with pytest.raises(ValueError):
+        boot.step_clock(math.nan)
+
+
 def test_fault_switch_arguments_are_checked() -> None:
     boot = offline_boot()
     with pytest.raises(ValueError):
@@ -287,6 +364,11 @@ def test_planned_fault_clear_time() -> None:
     assert planned(FaultKind.STUCK_VALVE).clear_at_s is None
     assert planned(FaultKind.SLOW_LEAK, SlowLeakParams()).clear_at_s is None  # rest of run
     assert planned(FaultKind.DISCONNECT, DisconnectParams(down_s=2)).clear_at_s == 12.0
+    # A clock step is cleared by its return; without one the clock stays stepped.
+    back = planned(FaultKind.CLOCK_STEP, ClockStepParams(step_s=-30, return_after_s=25))
+    assert back.clear_at_s == 35.0 and back.params.return_s == 25.0
+    assert back.params.clock_offset_s == 30.0
+    assert planned(FaultKind.CLOCK_STEP, ClockStepParams()).clear_at_s is None
 
 
 # ------------------------------------------------------------------ against a real broker
@@ -412,6 +494,10 @@ E2E_PARAMS: dict[FaultKind, FaultParams] = {
     FaultKind.DISCONNECT: DisconnectParams(down_s=1.0),
     FaultKind.RECONNECT_STORM: ReconnectStormParams(down_s=1.0),
     FaultKind.IGNORE_VENT: IgnoreVentParams(down_s=12.0),
+    # A step back without its return (the default). The return is a forward step, which
+    # today's gateway may answer with a false sustained_inflation vent (rule 3 on the boot's
+    # clock); the fault drill judges it, and fails on it until the gateway is fixed.
+    FaultKind.CLOCK_STEP: ClockStepParams(step_s=-30),
 }
 
 

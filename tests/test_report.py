@@ -20,6 +20,7 @@ from device_sim.report import (
     Injection,
     Outcome,
     Report,
+    SelfVent,
     Totals,
     Trace,
     VentSeen,
@@ -432,3 +433,86 @@ def test_an_injection_expecting_only_a_vent_is_judged_by_the_vent() -> None:
     assert ok.passed and ok.injections[0].vent_delay_s == pytest.approx(0.3)
     missed = build_report(totals(), [inj], [], [], [], expectations())
     assert missed.injections[0].outcome is Outcome.MISSED and "not vented" in missed.failures[0]
+
+
+# ------------------------------------------------------------------ cut off, and clocks stepped
+
+DROPPED = "clinic-2/boot-0016"
+STEPPED = "clinic-3/boot-0038"
+
+
+def disconnect(at: float, down_s: float) -> tuple[Injection, Detection, VentSeen, SelfVent]:
+    """A boot away for `down_s`: the LWT is detected at once, the boot vents itself, and the
+    gateway's vent arrives only after the reconnect (clean start: the broker dropped it)."""
+    inj = Injection(boot=DROPPED, kind="disconnect", at=at, expected_rules=["offline_in_session"],
+                    vent_expected=True, detect_within_s=5.0, cleared_at=at + down_s,
+                    self_vent_within_s=6.0)
+    return (inj, Detection(boot=DROPPED, rule="offline_in_session", at=at + 0.04,
+                           source="safety_event"),
+            VentSeen(boot=DROPPED, at=at + down_s + 0.3), SelfVent(boot=DROPPED, at=at + 0.01,
+                                                                  cause="mqtt connection lost"))
+
+
+def test_a_disconnect_longer_than_its_window_is_judged_by_the_self_vent() -> None:
+    for down_s in (3.0, 20.0, 90.0):  # shorter than the window, longer, longer than aftermath
+        inj, det, vent, self_vent = disconnect(T0 + 70, down_s)
+        report = build_report(totals(), [inj], [det], [vent], [], expectations(), [self_vent])
+        row = report.injections[0]
+        assert report.passed, (down_s, report.failures)
+        assert row.outcome is Outcome.DETECTED and row.rule == "offline_in_session"
+        assert row.vented_by == "boot" and row.vent_delay_s == pytest.approx(0.01)
+        assert "vented itself" in row.detail
+        assert report.false_vents == []  # the vent after the reconnect belongs to the fault
+
+    inj, det, vent, self_vent = disconnect(T0 + 70, 20.0)
+    # The boot never vented itself: its own safety duty failed, whatever the gateway sent.
+    report = build_report(totals(), [inj], [det], [vent], [], expectations(), [])
+    assert report.injections[0].outcome is Outcome.NOT_VENTED
+    assert "did not vent itself" in report.failures[0]
+    # It did, but only after its heartbeat timeout (6 s).
+    late = self_vent.model_copy(update={"at": T0 + 77})
+    report = build_report(totals(), [inj], [det], [vent], [], expectations(), [late])
+    assert report.injections[0].outcome is Outcome.LATE
+    assert "vented itself 7.00 s after" in report.failures[0]
+    # The detection still has its own window.
+    slow = det.model_copy(update={"at": T0 + 76})
+    report = build_report(totals(), [inj], [slow], [vent], [], expectations(), [self_vent])
+    assert report.injections[0].outcome is Outcome.LATE and "detected late" in report.failures[0]
+
+
+def test_a_self_vent_no_fault_explains_is_a_note() -> None:
+    data = run()
+    lone = SelfVent(boot=HEALTHY, at=T0 + 90, cause="gateway heartbeat lost")
+    report = build_report(totals(), data["injections"], data["detections"], data["vents"], [],
+                          expectations(), [lone])
+    assert report.passed and report.unexplained_self_vents == [lone]
+    assert any("gateway heartbeat lost 1x" in n and HEALTHY in n for n in report.notes)
+
+
+def clock_step(at: float, returned_after: float | None) -> Injection:
+    return Injection(boot=STEPPED, kind="clock_step", at=at, detect_within_s=5.0,
+                     cleared_at=None if returned_after is None else at + returned_after)
+
+
+def test_a_clock_step_must_stay_quiet_until_after_its_return() -> None:
+    inj = clock_step(T0 + 30, 25.0)
+    quiet = build_report(totals(), [inj], [], [], [], expectations())
+    assert quiet.passed and quiet.injections[0].outcome is Outcome.OK_NOTHING_EXPECTED
+    assert "after it was cleared" in quiet.injections[0].detail
+    # The return (a forward step) gives a false sustained_inflation 1.5 s later: a failure of
+    # its own, not just a false vent, though it is 26.5 s after the injection.
+    det = Detection(boot=STEPPED, rule="sustained_inflation", at=T0 + 56.5,
+                    source="safety_event")
+    vent = VentSeen(boot=STEPPED, at=T0 + 56.51)
+    report = build_report(totals(), [inj], [det], [vent], [], expectations())
+    row = report.injections[0]
+    assert row.outcome is Outcome.UNEXPECTED_DETECTION and row.rule == "sustained_inflation"
+    assert "1.50 s after it was cleared" in row.detail
+    assert [v.boot for v in report.false_vents] == [STEPPED]
+    assert len(report.failures) == 2 and report.unexplained_detections == []
+    # Past the return's window the event is no longer the step's doing.
+    later = det.model_copy(update={"at": T0 + 61})
+    assert build_report(totals(), [inj], [later], [], [], expectations()).passed
+    # Without a return only the step itself is watched.
+    assert build_report(totals(), [clock_step(T0 + 30, None)], [det], [], [],
+                        expectations()).passed

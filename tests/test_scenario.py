@@ -88,6 +88,17 @@ def test_fault_drill_has_every_kind_once_on_its_own_boot() -> None:
     assert drill.duration_s <= 75  # a test can run it in well under 90 s
     storm = [f for f in plan if f.kind is FaultKind.RECONNECT_STORM]
     assert len(storm) == round(0.2 * drill.fleet.boots) and len({f.group for f in storm}) == 1
+    by_kind = {f.kind: f for f in plan}
+    # The drill keeps a boot offline longer than its window: the gateway's vent arrives only
+    # after the reconnect, and the report must judge the detection and the self-vent instead.
+    dropped = by_kind[FaultKind.DISCONNECT]
+    assert dropped.params.hold_s > dropped.detect_within_s
+    # A clock stepped back so far that its samples are stamped before the run began, and
+    # stepped forward again with the return's detection window still inside the run.
+    step = by_kind[FaultKind.CLOCK_STEP]
+    assert step.params.step_s < -step.at_s and step.params.return_s > 0
+    assert step.at_s + step.params.return_s + step.detect_within_s <= drill.duration_s
+    assert drill.max_clock_offset_s() == -step.params.step_s
 
 
 # ------------------------------------------------------------------ errors name file, line, field
@@ -289,6 +300,26 @@ def test_explicit_faults_that_do_not_fit_are_refused() -> None:
         scenario(**fields)
     fields["faults"][1]["at_s"] = [20 + 10 + RECOVERY_S]
     assert len(scenario(**fields).fault_plan()) == 4
+
+
+def test_a_clock_steps_return_must_be_judged_inside_the_run() -> None:
+    step = {"kind": "clock_step", "at_s": [30], "params": {"step_s": -30, "return_after_s": 100}}
+    with pytest.raises(ScenarioError, match=r"faults\.0\.at_s\.0: 30 s \+ the return after "
+                                            r"100 s \+ the 10 s detection window ends after"):
+        scenario(duration_s=120, faults=[step])
+    s = scenario(duration_s=140, faults=[step])
+    (planned,) = s.fault_plan()
+    assert planned.clear_at_s == 130 and s.max_clock_offset_s() == 30
+    # Random arrivals leave room for the return too.
+    rate = {"kind": "clock_step", "rate_per_boot_hour": 20,
+            "params": {"step_s": 45, "return_after_s": 200}}
+    plan = scenario(duration_s=600, faults=[rate, {**step, "at_s": [40]}]).fault_plan()
+    assert plan and all(f.at_s + 200 + 10 <= 600 for f in plan if f.spec_index == 0)
+    assert scenario(duration_s=600, faults=[rate, step]).max_clock_offset_s() == 45
+    assert scenario().max_clock_offset_s() == 0
+    with pytest.raises(ScenarioError, match=r"rate_per_boot_hour: no time left .* after their "
+                                            r"500 s return"):
+        scenario(duration_s=500, faults=[{**rate, "params": {"return_after_s": 500}}])
 
 
 def test_credentials_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
