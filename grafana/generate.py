@@ -43,6 +43,8 @@ STATE_LOOKBACK = "90d"
 SESSION_LOOKBACK = "1h"
 # "resumed": a session the gateway picked up after a restart (asked of gateway/service.py).
 RUNNING = "\"outcome\" =~ /^(started|resumed)$/"
+# Every other outcome ends a session: one such row per session (docs/schema.md).
+ENDED = "\"outcome\" !~ /^(started|resumed)$/"
 VENT_ACTIONS = "(\"action\" = 'vent' OR \"action\" = 'stop+vent')"
 CLINICS = '"clinic" =~ /^$clinic$/'
 BOOT = "\"clinic\" = '$clinic' AND \"device\" = '$device'"
@@ -172,15 +174,17 @@ def override_re(pattern: str, **props: Any) -> Json:
 
 ONLINE_MAP = value_map({"1": ("online", "green"), "0": ("offline", "red")})
 LINK_MAP = value_map({"1": ("connected", "green"), "0": ("LOST", "red")})
-OUTCOME_COLORS = {"started": ("running", "blue"), "completed": ("completed", "green"),
-                  "stopped": ("stopped", "text"), "user_stop": ("stopped by user", "orange"),
-                  "vented": ("vented", "red"), "rejected": ("rejected", "purple"),
-                  "failed": ("failed", "purple")}
+OUTCOME_COLORS = {"started": ("running", "blue"), "resumed": ("running (resumed)", "blue"),
+                  "completed": ("completed", "green"), "stopped": ("stopped", "text"),
+                  "user_stop": ("stopped by user", "orange"), "vented": ("vented", "red"),
+                  "rejected": ("rejected", "purple"), "failed": ("failed", "purple"),
+                  "lost": ("lost", "purple")}
 SEVERITY_COLORS = {"high": ("high", "red"), "medium": ("medium", "orange"),
                    "low": ("low", "yellow")}
 PHASE_COLORS = {"idle": ("idle", "text"), "inflate": ("inflate", "blue"),
                 "hold": ("hold", "blue"), "deflate": ("deflate", "green"),
-                "pause": ("pause", "green"), "vent": ("VENT", "red")}
+                "pause": ("pause", "green"), "vent": ("VENT", "red"),
+                "unknown": ("unknown", "purple")}
 BOOT_LINK = [{"title": "Boot detail",
               "url": "/d/boots-boot-detail/boots-boot-detail?var-clinic=${__data.fields.clinic}"
                      "&var-device=${__data.fields.device}&${__url_time_range}"}]
@@ -372,8 +376,9 @@ def fleet_overview() -> Dashboard:
     lay.add(stat("Alarms raised, last 24 h", "Alarms raised in the last 24 h by priority "
                  "(IEC 60601-1-8: high, medium, low).", no_value="0",
                  mappings=[], steps=thresholds((None, "orange"))),
-            [Target("A", 'SELECT count(distinct("alarm_id")) AS "alarms" FROM "alarm" WHERE '
-                    f'{CLINICS} AND time > now() - 24h GROUP BY "severity"',
+            [Target("A", 'SELECT count("raised_at") AS "alarms" FROM (SELECT first("raised_at") '
+                    f'AS "raised_at" FROM "alarm" WHERE {CLINICS} AND time > now() - 24h '
+                    'GROUP BY "alarm_id", "severity") GROUP BY "severity"',
                     Expect(("alarms",)), alias="$tag_severity")], w=5, h=4)
 
     lay.row("Every boot")
@@ -712,37 +717,28 @@ def safety_sessions() -> Dashboard:
                     Expect(("count",)), alias="$tag_severity")], w=12, h=9)
     lay.add(table(
         "Unacknowledged alarms",
-        "Alarms raised in the last 7 days that nobody has acknowledged yet (latest state per "
-        "alarm is active). Acknowledge them through the gateway API: POST "
-        "/api/v1/alarms/{alarm_id}/ack.",
+        "Alarms whose latest state is active: nobody has acknowledged them yet (alarms with a "
+        "change in the last 7 days; the query of docs/schema.md §5, which also leaves out "
+        "alarm points written before alarm_id became a tag). Acknowledge them through the "
+        "gateway API: POST /api/v1/alarms/{alarm_id}/ack.",
         sort_by="Raised",
-        transformations=[
-            {"id": "groupBy", "options": {"fields": {
-                "alarm_id": {"aggregations": [], "operation": "groupby"},
-                "Time": {"aggregations": ["first"], "operation": "aggregate"},
-                "clinic": {"aggregations": ["last"], "operation": "aggregate"},
-                "device": {"aggregations": ["last"], "operation": "aggregate"},
-                "rule": {"aggregations": ["last"], "operation": "aggregate"},
-                "severity": {"aggregations": ["last"], "operation": "aggregate"},
-                "state": {"aggregations": ["last"], "operation": "aggregate"},
-                "resolved": {"aggregations": ["last"], "operation": "aggregate"},
-                "detail": {"aggregations": ["first"], "operation": "aggregate"}}}},
-            {"id": "filterByValue", "options": {
-                "type": "include", "match": "all",
-                "filters": [{"fieldName": "state (last)",
-                             "config": {"id": "equal", "options": {"value": "active"}}}]}},
-            organize(renameByName={"Time (first)": "Raised", "clinic (last)": "clinic",
-                                   "device (last)": "device", "rule (last)": "rule",
-                                   "severity (last)": "severity", "state (last)": "state",
-                                   "resolved (last)": "cause over",
-                                   "detail (first)": "detail"}),
-        ],
+        transformations=[organize(
+            indexByName={"raised_ms": 0, "clinic": 1, "device": 2, "rule": 3, "severity": 4,
+                         "state": 5, "resolved": 6, "detail": 7, "Time": 8, "alarm_id": 9},
+            renameByName={"raised_ms": "Raised", "resolved": "cause over",
+                          "Time": "Last change"})],
         overrides=[override("severity", mappings=[value_map(SEVERITY_COLORS)],
                             custom__cellOptions={"type": "color-background"}),
-                   override("device", links=BOOT_LINK)]),
-        [Target("A", 'SELECT "alarm_id", "clinic", "device", "rule", "severity", "state", '
-                f'"resolved", "detail" FROM "alarm" WHERE {CLINICS} AND time > now() - 7d',
-                Expect(("alarm_id", "clinic", "device", "rule", "severity", "state")),
+                   override("device", links=BOOT_LINK),
+                   override("Raised", unit="dateTimeAsIso"),
+                   override("Last change", unit="dateTimeFromNow")]),
+        [Target("A", 'SELECT "raised_at" * 1000 AS "raised_ms", "alarm_id", "clinic", "device", '
+                '"rule", "severity", "state", "resolved", "detail" FROM (SELECT last("detail") '
+                'AS "detail", "state", "clinic", "device", "rule", "severity", "resolved", '
+                f'"raised_at" FROM "alarm" WHERE {CLINICS} AND "alarm_id"::tag != \'\' AND '
+                "time > now() - 7d GROUP BY \"alarm_id\") WHERE \"state\" = 'active'",
+                Expect(("raised_ms", "alarm_id", "clinic", "device", "rule", "severity",
+                        "state")),
                 fmt="table")],
         w=24, h=8)
 
@@ -778,10 +774,11 @@ def safety_sessions() -> Dashboard:
             w=24, h=7)
 
     lay.row("Sessions")
-    ended = f"{CLINICS} AND \"outcome\" != 'started' AND $timeFilter"
+    ended = f"{CLINICS} AND {ENDED} AND $timeFilter"
     lay.add(table("Sessions per program and outcome", "Sessions that ended in the time range, "
                   "per program: completed, stopped (front desk), stopped by the user (stop "
-                  "button), vented by the watchdog, rejected or failed at start.",
+                  "button), vented by the watchdog, rejected or failed at start, or lost "
+                  "(the boot left the session without saying how it ended).",
                   transformations=[{"id": "groupingToMatrix", "options": {
                       "columnField": "outcome", "rowField": "program",
                       "valueField": "sessions", "emptyValue": "null"}}]),
@@ -792,7 +789,7 @@ def safety_sessions() -> Dashboard:
     pie = bargauge("Session outcomes", "All sessions that ended in the time range, by outcome.")
     pie["fieldConfig"]["overrides"] = [
         override(k, color={"mode": "fixed", "fixedColor": c}, displayName=text)
-        for k, (text, c) in OUTCOME_COLORS.items() if k != "started"]
+        for k, (text, c) in OUTCOME_COLORS.items() if k not in ("started", "resumed")]
     pie["fieldConfig"]["defaults"]["color"] = {"mode": "fixed", "fixedColor": "blue"}
     lay.add(pie, [Target("A", f'SELECT count("session_id") AS "sessions" FROM "session" WHERE '
                           f'{ended} GROUP BY "outcome"', Expect(("sessions",)),

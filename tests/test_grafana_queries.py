@@ -357,32 +357,6 @@ def _calculate(frame: Frame, options: dict[str, Any]) -> Frame:
     return {**frame, options["alias"]: result}
 
 
-def _group_by(frame: Frame, options: dict[str, Any]) -> Frame:
-    fields = options["fields"]
-    keys = [n for n, o in fields.items() if o["operation"] == "groupby"]
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in _rows(frame):
-        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-    out_rows = []
-    for key, rows in groups.items():
-        out = dict(zip(keys, key, strict=True))
-        for name, o in fields.items():
-            for calc in o["aggregations"] if o["operation"] == "aggregate" else []:
-                pick = {"first": rows[0], "last": rows[-1]}[calc]
-                out[f"{name} ({calc})"] = pick.get(name)
-        out_rows.append(out)
-    return _from_rows(out_rows, list(out_rows[0]) if out_rows else [])
-
-
-def _filter_by_value(frame: Frame, options: dict[str, Any]) -> Frame:
-    assert options["type"] == "include" and options["match"] == "all"
-    rows = _rows(frame)
-    for f in options["filters"]:
-        assert f["config"]["id"] == "equal"
-        rows = [r for r in rows if r.get(f["fieldName"]) == f["config"]["options"]["value"]]
-    return _from_rows(rows, list(frame))
-
-
 def transform(panel: dict[str, Any], frames: dict[str, Frame]) -> list[Frame]:
     """Apply a panel's transformations (the kinds the generated dashboards use)."""
     current = [(ref, f) for ref, f in frames.items()]
@@ -392,8 +366,7 @@ def transform(panel: dict[str, Any], frames: dict[str, Frame]) -> list[Frame]:
         if kind == "merge":
             current = [("", _merge([f for _, f in current]))]
             continue
-        apply = {"organize": _organize, "calculateField": _calculate, "groupBy": _group_by,
-                 "filterByValue": _filter_by_value}[kind]
+        apply = {"organize": _organize, "calculateField": _calculate}[kind]
         current = [(ref, apply(f, options) if only in (None, ref) else f) for ref, f in current]
     return [f for _, f in current]
 
@@ -563,6 +536,15 @@ def test_unacknowledged_alarms_panel_lists_exactly_the_gateways_active_alarms(
     assert len(run.unacked) >= 3  # b2 and b6 over target, b6 vent not confirmed, b5 offline
     assert "user_stop" not in table["rule"]  # acknowledged by the nurse
     assert set(table["state"]) == {"active"} and None not in table["Raised"]
+
+
+def test_alarms_raised_count_each_alarm_once_per_severity(run: Snapshot) -> None:
+    """alarm_id is a tag: the panel counts alarms, not their state changes."""
+    series = _panel_query(run, "boots-fleet-overview", "Alarms raised, last 24 h",
+                          {"clinic": "$__all"})
+    raised = Counter(a.severity.value for a in run.gw.gw.alarms.listed(include_cleared=True))
+    assert _series_by(series, "severity", "alarms") == dict(raised)
+    assert sum(raised.values()) < run.gw.count('SELECT count("detail") FROM "alarm"')
 
 
 def test_session_outcomes_per_program(run: Snapshot) -> None:
