@@ -50,7 +50,7 @@ from gateway.mqtt_link import MqttLink, NotConnected, subscribe_options
 from gateway.programs import BootLimits, check_program
 from gateway.settings import GatewaySettings
 from gateway.storage import InfluxWriter
-from gateway.watchdog import Outcome, Rule, VentConfirmed, Watchdog
+from gateway.watchdog import CYCLE_PHASES, Outcome, Rule, VentConfirmed, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +365,8 @@ class Gateway:
             log.info("boot discovered", extra={
                 "device": boot.key, "online": state.online, "firmware": state.firmware,
                 "chambers": state.chambers})
+        if state.online:
+            self.watchdog.on_announce(boot.watch)
         if state.session is not None:
             self._in_session(boot, state.session.session_id)
         elif state.online:
@@ -464,7 +466,9 @@ class Gateway:
         boot.last_seen = self.clock()
         boot.last_telemetry = sample
         session = boot.session
-        if sample.session_id is not None:
+        if not self.watchdog.is_newer(boot.watch, sample.seq):
+            pass  # a duplicate or late sample says nothing about the session now
+        elif sample.session_id is not None and sample.phase in CYCLE_PHASES:
             if session is None or session.session_id != sample.session_id or (
                     session.status is not SessionStatus.RUNNING or session.left_at is not None):
                 self._in_session(boot, sample.session_id, sample.session_elapsed_s)
@@ -497,6 +501,9 @@ class Gateway:
             if boot.session is not None and event.session_id in (None, boot.session.session_id):
                 self._end_session(boot, _SESSION_END[event.kind], by_boot=True)
             elif event.session_id is not None:
+                ended = boot.ended_sessions.get(event.session_id)
+                if ended is not None and not ended.by_boot:
+                    boot.remember_ended(ended.session, by_boot=True)  # no late resume now
                 entry = self._unreconciled.get(boot.key)
                 if entry is not None and entry.session_id == event.session_id:
                     self._close_unreconciled(entry, _SESSION_END[event.kind])
@@ -508,6 +515,12 @@ class Gateway:
     def _on_ack(self, addr: TopicAddress, ack: Ack) -> None:
         tracked = self.commands.on_ack(addr.key, ack)
         if tracked is None:
+            entry = self._unreconciled.get(addr.key)
+            if entry is not None and entry.cmd_id == ack.cmd_id:
+                # the answer to a start sent before the restart
+                if ack.status is AckStatus.REJECTED:
+                    self._close_unreconciled(entry, SessionOutcome.REJECTED)
+                return
             self._reject(addr, "unknown_ack", f"ack for unknown command {ack.cmd_id}")
             return
         boot = self.fleet.get(addr.clinic, addr.device)

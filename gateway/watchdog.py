@@ -22,11 +22,15 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from gateway.contract import BootEvent, EventKind, SessionProgram, Severity, Telemetry
+from gateway.contract import BootEvent, EventKind, Phase, SessionProgram, Severity, Telemetry
 from gateway.settings import WatchdogSettings
 
 # A seq this far below the last one is a restarted boot, not a late sample.
 SEQ_RESET_WINDOW = 1000
+# A sample in one of these phases, with a session id, shows a boot still running its cycle
+# (a phase this gateway does not know included): low pressure then is a pause, not a vent, so
+# rule 8 waits for the boot to show it vented; and the session is still on.
+CYCLE_PHASES = frozenset(Phase) - {Phase.IDLE, Phase.VENT}
 # Rule 3's clock: between two samples, the boot's clock may run this much ahead of the
 # gateway's before the difference is taken for a step (network jitter stays well below).
 CLOCK_STEP_TOLERANCE_S = 0.5
@@ -225,7 +229,8 @@ class Watchdog:
             return [self._vent(watch, now, bad)]
 
         if watch.venting:
-            if fresh and max(pressures) < self.limits.safe_level_mmhg:
+            if (fresh and max(pressures) < self.limits.safe_level_mmhg
+                    and not (sample.session_id is not None and sample.phase in CYCLE_PHASES)):
                 return [self._confirmed(watch, now)]
             return []
 
@@ -270,9 +275,15 @@ class Watchdog:
         watch.step_free_s += step
         return watch.step_free_s
 
-    def _is_fresh(self, watch: BootWatch, seq: int) -> bool:
+    @staticmethod
+    def is_newer(watch: BootWatch, seq: int) -> bool:
+        """The sample is the newest yet (or the first of a restarted boot), not a duplicate
+        or a late one: only such a sample may say that a session began or ended."""
         last = watch.last_seq
-        if last is None or seq > last or last - seq > SEQ_RESET_WINDOW:
+        return last is None or seq > last or last - seq > SEQ_RESET_WINDOW
+
+    def _is_fresh(self, watch: BootWatch, seq: int) -> bool:
+        if self.is_newer(watch, seq):
             watch.last_seq = seq
             return True
         return False
@@ -422,6 +433,12 @@ class Watchdog:
             watch.vent_sent_at = now
             return True
         return False
+
+    @staticmethod
+    def on_announce(watch: BootWatch) -> None:
+        """A state message from a connected boot: it may have rebooted without dropping off
+        (its seq restarts at 0), so the next sample is taken as the newest."""
+        watch.last_seq = None
 
     def on_event(self, watch: BootWatch, event: BootEvent, now: float) -> list[Outcome]:
         """Rule 10: the user's stop button is a safety signal (numbness, tingling, pain)."""

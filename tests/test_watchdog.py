@@ -40,9 +40,15 @@ def watch(device_max: float = 120, clinic: float = 100, period: float = 0.5) -> 
                      telemetry_period_s=period)
 
 
-def sample(pressures: list[float], seq: int = 0, ts: float | None = None) -> Telemetry:
-    return Telemetry(seq=seq, ts=1000.0 + seq if ts is None else ts, session_id="s1",
-                     phase=Phase.HOLD, pressures=pressures)
+def sample(pressures: list[float], seq: int = 0, ts: float | None = None,
+           phase: Phase = Phase.HOLD, session_id: str | None = "s1") -> Telemetry:
+    return Telemetry(seq=seq, ts=1000.0 + seq if ts is None else ts, session_id=session_id,
+                     phase=phase, pressures=pressures)
+
+
+def vented(pressures: list[float], seq: int = 0, ts: float | None = None) -> Telemetry:
+    """A sample of a boot that obeyed a vent: phase vent, no session any more."""
+    return sample(pressures, seq, ts, phase=Phase.VENT, session_id=None)
 
 
 def in_session(dog: Watchdog, w: BootWatch, now: float = 0.0) -> BootWatch:
@@ -60,11 +66,13 @@ class Feed:
     def __init__(self, dog: Watchdog, w: BootWatch, t: float = 0.0) -> None:
         self.dog, self.w, self.t, self.seq = dog, w, t, 0
 
-    def __call__(self, pressures: list[float], dt: float = 0.1) -> list:
+    def __call__(self, pressures: list[float], dt: float = 0.1, vent: bool = False) -> list:
+        """vent: the sample of a boot that has vented (phase vent, no session)."""
         self.t += dt
         self.seq += 1
         # the boot's clock runs with the gateway's, offset by a skew of 5000 s
-        return self.dog.on_telemetry(self.w, sample(pressures, self.seq, 5000 + self.t), self.t)
+        make = vented if vent else sample
+        return self.dog.on_telemetry(self.w, make(pressures, self.seq, 5000 + self.t), self.t)
 
 
 # ---------------------------------------------------------------- rule 1
@@ -301,7 +309,7 @@ def test_reboot_resets_the_seq_order() -> None:
     dog.on_telemetry(w, sample(SAFE, 500), 0.1)
     dog.on_offline(w, 0.2)
     feed_high = [80, 58, 56, 54]
-    dog.on_telemetry(w, sample([5, 0, 0, 0], 900), 0.3)  # confirms the offline vent
+    dog.on_telemetry(w, vented([5, 0, 0, 0], 900), 0.3)  # confirms the offline vent
     dog.on_online(w, 0.4)
     dog.start_session(w, "s2", PROGRAM, 0.5)
     results = [dog.on_telemetry(w, sample(feed_high, i), 0.6 + i / 10) for i in range(3)]
@@ -332,7 +340,7 @@ def test_vent_not_confirmed_resends_with_one_alarm_then_gives_up() -> None:
     dog.on_tick(w, t0 + 15.3)
     assert dog.on_tick(w, t0 + 30.0) == []  # vent_resend_max=3 reached
     feed.t = t0 + 31
-    confirmed = feed([5, 0, 0, 0])
+    confirmed = feed([5, 0, 0, 0], vent=True)
     assert len(confirmed) == 1 and isinstance(confirmed[0], VentConfirmed)
     assert confirmed[0].resends == 3 and confirmed[0].after_s == pytest.approx(31.1)
 
@@ -343,8 +351,23 @@ def test_confirmed_vent_rearms_the_rules() -> None:
     assert len(feed([130, 0, 0, 0])) == 1
     for i in range(5):  # still high while the vent acts: no second vent
         assert feed([125 - i, 0, 0, 0]) == []
-    assert isinstance(feed([5, 0, 0, 0])[0], VentConfirmed)
+    assert isinstance(feed([5, 0, 0, 0], vent=True)[0], VentConfirmed)
     assert len(vents(feed([130, 0, 0, 0]))) == 1
+
+
+@pytest.mark.parametrize("phase", [Phase.PAUSE, Phase.DEFLATE, Phase.UNKNOWN])
+def test_a_boot_still_in_its_cycle_does_not_confirm_a_vent(phase: Phase) -> None:
+    """Empty chambers in a pause are not a vent: the boot may not have received it yet, and
+    would inflate again at the next cycle. Confirmation needs a sample that shows the vent."""
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    feed = Feed(dog, w)
+    assert vents(feed([130, 0, 0, 0]))
+    t = feed.t
+    low = sample(SAFE, 100, phase=phase)
+    assert dog.on_telemetry(w, low, t + 0.1) == [] and w.venting
+    idle = sample(SAFE, 101, phase=Phase.IDLE, session_id=None)
+    assert isinstance(dog.on_telemetry(w, idle, t + 0.2)[0], VentConfirmed)
 
 
 # ---------------------------------------------------------------- rules 9 and 10
@@ -465,6 +488,6 @@ def test_each_episode_gets_its_own_single_vent(episodes: int, chamber: int) -> N
         for _ in range(5):
             count += len(vents(feed(high)))
         for _ in range(3):
-            feed(SAFE)
+            feed(SAFE, vent=True)
         dog.start_session(w, "s1", PROGRAM, feed.t)  # a new session after the vent
     assert count == episodes
