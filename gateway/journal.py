@@ -45,7 +45,10 @@ class SessionJournal:
         self._fd: int | None = None
 
     def load(self) -> dict[str, OpenSession]:
-        """The sessions open at the last stop, by boot key; compacts the file."""
+        """The sessions open at the last stop, by session id; compacts the file.
+
+        A boot may have more than one: a start it never answered, then a newer session.
+        """
         if self.path is None:
             return {}
         open_: dict[str, OpenSession] = {}
@@ -59,12 +62,10 @@ class SessionJournal:
             try:
                 entry = json.loads(line)
                 if entry.get("op") == "close":
-                    current = open_.get(entry["key"])
-                    if current is not None and current.session_id == entry["session_id"]:
-                        del open_[entry["key"]]
+                    open_.pop(entry["session_id"], None)
                 else:
                     session = OpenSession.model_validate(entry["session"])
-                    open_[session.key] = session
+                    open_[session.session_id] = session
             except (ValueError, KeyError, TypeError, ValidationError):
                 bad += 1  # a torn last line after a crash, or a damaged one: skip it
         if bad:

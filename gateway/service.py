@@ -140,7 +140,7 @@ class Gateway:
             settings.command_ack_timeout_s, self._on_command_timeout, monotonic
         )
         self.journal = SessionJournal(settings.session_journal)
-        # sessions open at the last stop, not yet seen running or ended (see recover)
+        # sessions open at the last stop, not yet seen running or ended (see recover), by id
         self._unreconciled: dict[str, OpenSession] = {}
         self._reconcile_until: float | None = None
         self.alarms = AlarmBook()
@@ -241,7 +241,7 @@ class Gateway:
 
     def _close_unreconciled(self, entry: OpenSession, outcome: SessionOutcome) -> None:
         """A session of the last run that ended while the gateway was away: its one outcome."""
-        del self._unreconciled[entry.key]
+        del self._unreconciled[entry.session_id]
         clinic, device = entry.key.split("/", 1)
         log.warning("session ended while the gateway was away", extra={
             "device": entry.key, "session_id": entry.session_id, "outcome": outcome.value})
@@ -412,9 +412,9 @@ class Gateway:
         given up on (a late ack). The program comes from wherever the gateway still has it."""
         active = boot.state.session if (boot.state.session is not None and
                                         boot.state.session.session_id == session_id) else None
-        journalled = self._unreconciled.get(boot.key)
-        if journalled is not None and journalled.session_id == session_id:
-            del self._unreconciled[boot.key]
+        journalled = self._unreconciled.get(session_id)
+        if journalled is not None and journalled.key == boot.key:
+            del self._unreconciled[session_id]
         else:
             journalled = None
         ended = boot.ended_sessions.pop(session_id, None)
@@ -504,8 +504,8 @@ class Gateway:
                 ended = boot.ended_sessions.get(event.session_id)
                 if ended is not None and not ended.by_boot:
                     boot.remember_ended(ended.session, by_boot=True)  # no late resume now
-                entry = self._unreconciled.get(boot.key)
-                if entry is not None and entry.session_id == event.session_id:
+                entry = self._unreconciled.get(event.session_id)
+                if entry is not None and entry.key == boot.key:
                     self._close_unreconciled(entry, _SESSION_END[event.kind])
         elif event.kind is EventKind.FAULT:
             boot.faults += 1
@@ -515,8 +515,9 @@ class Gateway:
     def _on_ack(self, addr: TopicAddress, ack: Ack) -> None:
         tracked = self.commands.on_ack(addr.key, ack)
         if tracked is None:
-            entry = self._unreconciled.get(addr.key)
-            if entry is not None and entry.cmd_id == ack.cmd_id:
+            entry = next((e for e in self._unreconciled.values()
+                          if e.cmd_id == ack.cmd_id and e.key == addr.key), None)
+            if entry is not None:
                 # the answer to a start sent before the restart
                 if ack.status is AckStatus.REJECTED:
                     self._close_unreconciled(entry, SessionOutcome.REJECTED)

@@ -220,6 +220,7 @@ class Watchdog:
                 # wall clock, which may be off).
                 watch.session_started_at = (now - elapsed if watch.start_provisional else
                                             min(watch.session_started_at, now - elapsed))
+            if sample.session_id == watch.session_id:
                 watch.start_provisional = False
 
         bad = self._implausible(watch, pressures)
@@ -380,7 +381,8 @@ class Watchdog:
                     detail=f"no telemetry for {silent:.1f} s in session (limit {limit:g} s)",
                 ))]
         if (watch.session_started_at is not None and watch.overrun_limit_s is not None
-                and watch.session_duration_s is not None and not watch.overrun_reported):
+                and watch.session_duration_s is not None and not watch.overrun_reported
+                and not watch.start_provisional):  # a guess waits for the boot's next sample
             running = now - watch.session_started_at
             limit = watch.overrun_limit_s
             if running > limit:
