@@ -27,6 +27,8 @@ MAX_CHAMBERS = 12
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 Pressure = Annotated[float, Field(allow_inf_nan=False)]
+# What a boot sends is typed strictly: "150" is not a number, 1 is not true (an int is a float).
+Reading = Annotated[float, Field(strict=True)]
 
 
 class Channel(StrEnum):
@@ -129,14 +131,16 @@ class Phase(StrEnum):
 class Telemetry(_Msg):
     """Pressures are taken as the boot sent them, NaN included: judging them is rule 6's job."""
 
-    seq: int = Field(ge=0, lt=2**63)
-    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
+    seq: int = Field(ge=0, lt=2**63, strict=True)
+    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False,
+                      strict=True)
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     session_elapsed_s: float | None = Field(
-        default=None, ge=0, allow_inf_nan=False, description="time into the running session"
+        default=None, ge=0, allow_inf_nan=False, strict=True,
+        description="time into the running session (the boot's monotonic clock)",
     )
     phase: Phase
-    pressures: list[float] = Field(min_length=1, max_length=MAX_CHAMBERS)
+    pressures: list[Reading] = Field(min_length=1, max_length=MAX_CHAMBERS)
 
 
 class EventKind(StrEnum):
@@ -150,7 +154,7 @@ class EventKind(StrEnum):
 
 class BootEvent(_Msg):
     kind: EventKind
-    ts: float = Field(allow_inf_nan=False)
+    ts: float = Field(allow_inf_nan=False, strict=True)
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     detail: str | None = Field(default=None, max_length=500)
 
@@ -164,7 +168,7 @@ class AckStatus(StrEnum):
 class Ack(_Msg):
     cmd_id: str = Field(pattern=ID_PATTERN)
     status: AckStatus
-    ts: float = Field(allow_inf_nan=False)
+    ts: float = Field(allow_inf_nan=False, strict=True)
     reason: str | None = Field(default=None, max_length=500)
 
 
@@ -233,13 +237,14 @@ class BootState(_Msg):
     The boot republishes it when a session starts or ends, with `session` set while one runs.
     """
 
-    online: bool
+    online: bool = Field(strict=True)
     firmware: str = Field(max_length=64)
-    chambers: int = Field(ge=1, le=MAX_CHAMBERS)
+    chambers: int = Field(ge=1, le=MAX_CHAMBERS, strict=True)
     zones: list[str] = Field(description="zone of each chamber, distal to proximal")
-    max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False)
-    telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False)
-    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False)
+    max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False, strict=True)
+    telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False, strict=True)
+    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False,
+                      strict=True)
     session: ActiveSession | None = None
 
     @model_validator(mode="after")

@@ -61,6 +61,7 @@ class Session:
 class EndedSession:
     session: Session
     by_boot: bool  # the boot's own message ended it (event, ack), not a gateway decision
+    outcome: SessionOutcome
 
 
 @dataclass
@@ -82,8 +83,9 @@ class Boot:
     def key(self) -> str:
         return f"{self.clinic}/{self.device}"
 
-    def remember_ended(self, session: Session, by_boot: bool) -> None:
-        self.ended_sessions[session.session_id] = EndedSession(session, by_boot)
+    def remember_ended(self, session: Session, by_boot: bool, outcome: SessionOutcome
+                       ) -> None:
+        self.ended_sessions[session.session_id] = EndedSession(session, by_boot, outcome)
         while len(self.ended_sessions) > ENDED_KEPT:
             self.ended_sessions.popitem(last=False)
 

@@ -1,5 +1,9 @@
 """The InfluxDB schema: one function per measurement, turning domain objects into points.
 
+Points the gateway stamps itself take `time_us` from `Stamps`: unique and increasing, so two
+records of one series in the same millisecond (a burst of bad payloads, a session that
+starts and is vented at once) stay two points instead of the second replacing the first.
+
 Measurements and their tags are what the Grafana dashboards query; change them together.
 Tags are validated ids or closed vocabularies (low cardinality); free text goes in fields.
 """
@@ -13,6 +17,20 @@ from gateway.contract import Alarm, BootEvent, Telemetry, TopicAddress
 from gateway.fleet import Boot, Session
 from gateway.lineprotocol import FieldValue, Point
 from gateway.watchdog import RULE_NUMBER, SafetyAction, VentConfirmed
+
+
+class Stamps:
+    """Microsecond timestamps from a wall clock, never the same twice in this process."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def __call__(self, wall_s: float) -> int:
+        us = int(wall_s * 1_000_000)
+        if us <= self._last:
+            us = self._last + 1
+        self._last = us
+        return us
 
 
 def telemetry_time_us(sample: Telemetry) -> int:
@@ -59,7 +77,7 @@ def telemetry(addr: TopicAddress, sample: Telemetry,
     )
 
 
-def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, now_ms: int) -> Point:
+def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, time_us: int) -> Point:
     fields: dict[str, FieldValue] = {"action": action.action, "detail": action.detail}
     if action.chamber is not None:
         fields["chamber"] = action.chamber
@@ -74,11 +92,11 @@ def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, now_m
         {"clinic": boot.clinic, "device": boot.device, "rule": action.rule.value,
          "severity": action.severity.value, "rule_no": str(RULE_NUMBER[action.rule])},
         fields,
-        now_ms * 1000,
+        time_us,
     )
 
 
-def command(tracked: TrackedCommand, now_ms: int) -> Point:
+def command(tracked: TrackedCommand, time_us: int) -> Point:
     clinic, device = tracked.key.split("/", 1)
     fields: dict[str, FieldValue] = {"cmd_id": tracked.command.cmd_id}
     if tracked.latency_s is not None:
@@ -92,12 +110,12 @@ def command(tracked: TrackedCommand, now_ms: int) -> Point:
         {"clinic": clinic, "device": device, "kind": tracked.command.kind.value,
          "outcome": tracked.outcome.value},
         fields,
-        now_ms * 1000,
+        time_us,
     )
 
 
 def session(
-    clinic: str, device: str, sess: Session, outcome: str, now_ms: int,
+    clinic: str, device: str, sess: Session, outcome: str, time_us: int,
     ended_at: float | None = None,
 ) -> Point:
     fields: dict[str, FieldValue] = {
@@ -112,17 +130,17 @@ def session(
         {"clinic": clinic, "device": device, "program": sess.program_name,
          "outcome": outcome},
         fields,
-        now_ms * 1000,
+        time_us,
     )
 
 
-def boot_state(boot: Boot, now_ms: int) -> Point:
+def boot_state(boot: Boot, time_us: int) -> Point:
     return Point(
         "boot_state",
         {"clinic": boot.clinic, "device": boot.device},
         {"online": int(boot.online), "firmware": boot.state.firmware,
          "chambers": boot.state.chambers, "max_pressure_mmhg": boot.state.max_pressure_mmhg},
-        now_ms * 1000,
+        time_us,
     )
 
 
@@ -137,18 +155,18 @@ def boot_event(addr: TopicAddress, event: BootEvent, now_ms: int) -> Point:
                                 "kind": event.kind.value}, fields, round(event.ts * 1e6))
 
 
-def device_fault(addr: TopicAddress, kind: str, reason: str, now_ms: int) -> Point:
+def device_fault(addr: TopicAddress, kind: str, reason: str, time_us: int) -> Point:
     return Point("device_fault", {"clinic": addr.clinic, "device": addr.device, "kind": kind},
-                 {"reason": reason[:500]}, now_ms * 1000)
+                 {"reason": reason[:500]}, time_us)
 
 
-def vent_confirmed(boot: Boot, confirmed: VentConfirmed, now_ms: int) -> Point:
+def vent_confirmed(boot: Boot, confirmed: VentConfirmed, time_us: int) -> Point:
     """How long the boot took to be safe after the first vent of the episode."""
     fields: dict[str, FieldValue] = {"resends": confirmed.resends}
     if confirmed.after_s is not None:
         fields["after_s"] = round(confirmed.after_s, 3)
     return Point("vent_confirmed", {"clinic": boot.clinic, "device": boot.device}, fields,
-                 now_ms * 1000)
+                 time_us)
 
 
 def alarm(a: Alarm) -> Point:
@@ -174,6 +192,6 @@ def alarm(a: Alarm) -> Point:
     )
 
 
-def gateway_health(gateway_id: str, fields: dict[str, FieldValue], now_ms: int) -> Point:
+def gateway_health(gateway_id: str, fields: dict[str, FieldValue], time_us: int) -> Point:
     """The gateway's own counters and gauges; counters are totals since the process started."""
-    return Point("gateway_health", {"gateway": gateway_id}, fields, now_ms * 1000)
+    return Point("gateway_health", {"gateway": gateway_id}, fields, time_us)

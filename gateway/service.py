@@ -19,6 +19,7 @@ from gateway.aio import cancel_and_wait
 from gateway.alarms import VENT_RESOLVED, AlarmBook
 from gateway.commands import CommandOutcome, CommandTracker, TrackedCommand, new_id
 from gateway.contract import (
+    ALARM_TOPIC_PREFIX,
     CHANNEL_QOS,
     HEARTBEAT_TOPIC,
     TOPIC_ROOT,
@@ -130,6 +131,7 @@ class Gateway:
         self.watchdog = Watchdog(settings.watchdog)
         self.writer = InfluxWriter(settings.influx)
         self.stats = IngestStats()
+        self._stamps = points.Stamps()
         self.gc_pauses = GcPauses()  # filled once the process tunes its collector (__main__)
         self.link = MqttLink(
             settings.mqtt,
@@ -246,7 +248,7 @@ class Gateway:
         log.warning("session ended while the gateway was away", extra={
             "device": entry.key, "session_id": entry.session_id, "outcome": outcome.value})
         self.writer.submit(points.session(clinic, device, Session.from_journal(entry),
-                                          outcome.value, self._now_ms()))
+                                          outcome.value, self._stamp()))
         self.journal.closed(entry.key, entry.session_id)
 
     async def _heartbeat(self) -> None:
@@ -297,7 +299,7 @@ class Gateway:
             await asyncio.sleep(self.settings.health_interval_s)
             fields = self.health_fields()
             self.writer.submit(points.gateway_health(self.settings.gateway_id, fields,
-                                                     self._now_ms()))
+                                                     self._stamp()))
             log.info("gateway health", extra=fields)
 
     # ------------------------------------------------------------------ ingress (hot path)
@@ -306,8 +308,8 @@ class Gateway:
         try:
             addr = parse_topic(name)
         except TopicError as exc:
-            if name.startswith(f"{TOPIC_ROOT}/_gateway/"):
-                return
+            if name == HEARTBEAT_TOPIC or name.startswith(f"{ALARM_TOPIC_PREFIX}/"):
+                return  # our own
             self._reject(None, "bad_topic", str(exc), topic=name[:200])
             return
         if addr.channel is Channel.CMD:
@@ -342,7 +344,7 @@ class Gateway:
             boot = self.fleet.get(addr.clinic, addr.device)
             if boot is not None:
                 boot.faults += 1
-            self.writer.submit(points.device_fault(addr, kind, reason, self._now_ms()))
+            self.writer.submit(points.device_fault(addr, kind, reason, self._stamp()))
 
     def _on_state(self, addr: TopicAddress, state: BootState) -> None:
         ceiling = self.settings.programs.ceiling_for(addr.clinic)
@@ -371,7 +373,7 @@ class Gateway:
             self._in_session(boot, state.session.session_id)
         elif state.online:
             self._out_of_session(boot)
-        self.writer.submit(points.boot_state(boot, self._now_ms()))
+        self.writer.submit(points.boot_state(boot, self._stamp()))
 
     def _in_session(self, boot: Boot, session_id: str, elapsed_s: float | None = None) -> None:
         """The boot says, by any of its messages, that it runs `session_id`: watch it.
@@ -386,8 +388,13 @@ class Gateway:
                 self._session_running(boot)
             return
         ended = boot.ended_sessions.get(session_id)
-        if ended is not None and (ended.by_boot or boot.watch.venting):
-            return  # a late message of a session the boot ended, or one rule 8 is venting
+        if ended is not None:
+            if not (ended.by_boot or boot.watch.venting):
+                # The gateway closed it (a vent, a start it gave up on): the boot has not
+                # obeyed. Vent again; the session keeps its one recorded outcome.
+                self._apply(boot, [self.watchdog.session_not_ended(
+                    boot.watch, session_id, ended.outcome.value, self.monotonic())])
+            return  # else a late message of a session the boot ended, or rule 8 has it
         if session is not None:
             log.warning("boot runs another session than the gateway's", extra={
                 "device": boot.key, "gateway_session": session.session_id,
@@ -408,8 +415,8 @@ class Gateway:
             session.left_at = self.monotonic()
 
     def _resume(self, boot: Boot, session_id: str, elapsed_s: float | None = None) -> None:
-        """Watch a session this gateway did not see start: a restart, or a start it had
-        given up on (a late ack). The program comes from wherever the gateway still has it."""
+        """Watch a session this gateway did not see start (a restart): the program comes
+        from the boot's retained state, else from the journal, else it is unknown."""
         active = boot.state.session if (boot.state.session is not None and
                                         boot.state.session.session_id == session_id) else None
         journalled = self._unreconciled.get(session_id)
@@ -417,9 +424,7 @@ class Gateway:
             del self._unreconciled[session_id]
         else:
             journalled = None
-        ended = boot.ended_sessions.pop(session_id, None)
-        known = (ended.session if ended is not None else
-                 Session.from_journal(journalled) if journalled is not None else None)
+        known = Session.from_journal(journalled) if journalled is not None else None
         program = active.program if active else known.program if known else None
         cmd_id = active.cmd_id if active else known.cmd_id if known else None
         now = self.clock()
@@ -437,7 +442,7 @@ class Gateway:
         self.stats.sessions_resumed += 1
         self.journal.opened(boot.session.journal_entry(boot.key))
         self.writer.submit(points.session(boot.clinic, boot.device, boot.session, "resumed",
-                                          self._now_ms()))
+                                          self._stamp()))
         log.warning("session resumed", extra={
             "device": boot.key, "session_id": session_id,
             "program": program.name if program else None, "elapsed_s": elapsed_s})
@@ -485,7 +490,7 @@ class Gateway:
 
     def _on_event(self, addr: TopicAddress, event: BootEvent) -> None:
         boot = self.fleet.get(addr.clinic, addr.device)
-        self.writer.submit(points.boot_event(addr, event, self._now_ms()))
+        self.writer.submit(points.boot_event(addr, event, int(self.clock() * 1000)))
         if boot is None:
             return
         boot.last_seen = self.clock()
@@ -503,14 +508,14 @@ class Gateway:
             elif event.session_id is not None:
                 ended = boot.ended_sessions.get(event.session_id)
                 if ended is not None and not ended.by_boot:
-                    boot.remember_ended(ended.session, by_boot=True)  # no late resume now
+                    boot.remember_ended(ended.session, True, ended.outcome)  # over for good
                 entry = self._unreconciled.get(event.session_id)
                 if entry is not None and entry.key == boot.key:
                     self._close_unreconciled(entry, _SESSION_END[event.kind])
         elif event.kind is EventKind.FAULT:
             boot.faults += 1
             self.writer.submit(points.device_fault(addr, "boot_fault", event.detail or "",
-                                                   self._now_ms()))
+                                                   self._stamp()))
 
     def _on_ack(self, addr: TopicAddress, ack: Ack) -> None:
         tracked = self.commands.on_ack(addr.key, ack)
@@ -525,7 +530,7 @@ class Gateway:
             self._reject(addr, "unknown_ack", f"ack for unknown command {ack.cmd_id}")
             return
         boot = self.fleet.get(addr.clinic, addr.device)
-        self.writer.submit(points.command(tracked, self._now_ms()))
+        self.writer.submit(points.command(tracked, self._stamp()))
         cmd = tracked.command
         if boot is None or cmd.kind is not CommandKind.START or cmd.session_id is None:
             return
@@ -559,7 +564,7 @@ class Gateway:
                                            "program": session.program_name})
         self.journal.opened(session.journal_entry(boot.key))
         self.writer.submit(points.session(boot.clinic, boot.device, session, "started",
-                                          self._now_ms()))
+                                          self._stamp()))
 
     def _end_session(self, boot: Boot, outcome: SessionOutcome, *, by_boot: bool = False
                      ) -> None:
@@ -569,13 +574,13 @@ class Gateway:
             return
         boot.session = None
         boot.last_outcome = outcome
-        boot.remember_ended(session, by_boot)
+        boot.remember_ended(session, by_boot, outcome)
         boot.watch.end_session()
         log.info("session ended", extra={"device": boot.key, "session_id": session.session_id,
                                          "outcome": outcome.value})
         self.journal.closed(boot.key, session.session_id)
         self.writer.submit(points.session(boot.clinic, boot.device, session, outcome.value,
-                                          self._now_ms(), ended_at=self.clock()))
+                                          self._stamp(), ended_at=self.clock()))
 
     def _apply(self, boot: Boot, actions: list[Outcome]) -> None:
         """Carry out watchdog actions: the vent goes out before anything else happens."""
@@ -588,7 +593,7 @@ class Gateway:
                     self._send(boot, CommandKind.STOP, reason=action.detail)
                 self._send_vent(boot, f"{action.rule.value}: {action.detail}")
             session_id = boot.session.session_id if boot.session else boot.watch.session_id
-            now_ms = self._now_ms()
+            now_ms = self._stamp()
             if action.fault:
                 boot.faults += 1
                 self.stats.rejected[action.rule.value] += 1
@@ -616,7 +621,7 @@ class Gateway:
         self.stats.vents_confirmed += 1
         log.info("vent confirmed", extra={
             "device": boot.key, "after_s": confirmed.after_s, "resends": confirmed.resends})
-        self.writer.submit(points.vent_confirmed(boot, confirmed, self._now_ms()))
+        self.writer.submit(points.vent_confirmed(boot, confirmed, self._stamp()))
         self._resolve(boot, VENT_RESOLVED)
 
     def _resolve(self, boot: Boot, rules: frozenset[Rule]) -> None:
@@ -659,14 +664,14 @@ class Gateway:
     def _track(self, boot: Boot, cmd: Command, timeout_s: float | None = None
                ) -> TrackedCommand:
         tracked = self.commands.track(boot.key, cmd, timeout_s)
-        self.writer.submit(points.command(tracked, self._now_ms()))
+        self.writer.submit(points.command(tracked, self._stamp()))
         return tracked
 
     def _on_command_timeout(self, tracked: TrackedCommand) -> None:
         log.error("command not acknowledged", extra={
             "device": tracked.key, "cmd_id": tracked.command.cmd_id,
             "kind": tracked.command.kind.value, "timeout_s": self.settings.command_ack_timeout_s})
-        self.writer.submit(points.command(tracked, self._now_ms()))
+        self.writer.submit(points.command(tracked, self._stamp()))
         boot = self.fleet.boots.get(tracked.key)
         session = boot.session if boot else None
         if (boot is not None and session is not None and session.status is SessionStatus.STARTING
@@ -761,5 +766,6 @@ class Gateway:
             await tracked.first_ack
         return tracked
 
-    def _now_ms(self) -> int:
-        return int(self.clock() * 1000)
+    def _stamp(self) -> int:
+        """The time of a point the gateway stamps itself (unique, so none overwrites another)."""
+        return self._stamps(self.clock())

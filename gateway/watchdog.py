@@ -191,8 +191,9 @@ class Watchdog:
         watch.over_target_run = [0] * watch.chambers
         watch.silence_reported = False
         watch.last_seq = None  # a boot may have rebooted since its last sample
-        if watch.last_sample_at is None or watch.last_sample_at < now - self.silence_limit(watch):
-            watch.last_sample_at = now  # the silence clock starts with the session
+        # The silence clock starts with the session: a boot just back online has its whole
+        # limit to send its first sample, not what is left since its last one.
+        watch.last_sample_at = now
 
     def vent_sent(self, watch: BootWatch, now: float) -> None:
         """A vent went out (by a rule or by hand): the confirmation deadline runs from now."""
@@ -451,6 +452,16 @@ class Watchdog:
                     f": {event.detail}" if event.detail else ""),
             )]
         return []
+
+    def session_not_ended(self, watch: BootWatch, session_id: str, outcome: str, now: float
+                          ) -> SafetyAction:
+        """Rule 8's case of a boot still running a session the gateway has closed (vented it,
+        or gave up on its start): the gateway's word did not take, so it vents again."""
+        return self._vent(watch, now, SafetyAction(
+            rule=Rule.VENT_NOT_CONFIRMED, severity=Severity.HIGH, vent=True, alarm=True,
+            detail=f"boot still runs session {session_id}, which the gateway ended "
+            f"({outcome}); vented",
+        ))
 
     @staticmethod
     def program_refused(reasons: list[str]) -> SafetyAction:

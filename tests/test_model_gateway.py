@@ -117,6 +117,7 @@ class InFlight:
     payload: bytes
     qos: int
     key: str  # the boot
+    epoch: int = 0  # the boot's restarts so far: (epoch, seq) orders its samples
 
 
 @dataclass
@@ -144,6 +145,7 @@ class ModelBoot:
     clock_offset: float = 0.0
     online: bool = True
     seq: int = 0
+    epoch: int = 0
     session: tuple[str, str, float] | None = None  # session_id, cmd_id, true start time
     silent: bool = False
     process_delay: float = 0.0  # how long the boot takes to act on a start
@@ -199,8 +201,9 @@ class GatewayModel(RuleBasedStateMachine):
         self.starts_sent: set[str] = set()
         # what the gateway last heard from each boot
         self.shown: dict[str, str | None] = {}
-        self.last_seq: dict[str, int | None] = {}
+        self.last_seq: dict[str, tuple[int, int]] = {}
         self.out_since: dict[str, float] = {}
+        self.ended: dict[str, set[str | None]] = {}  # sessions whose terminal event arrived
 
     # ------------------------------------------------------------------ the world
 
@@ -231,7 +234,8 @@ class GatewayModel(RuleBasedStateMachine):
         if channel == "state":
             self.retained[boot.key] = payload
         self.in_flight.append(InFlight(self.t + (0.02 if delay is None else delay), self.order,
-                                       True, boot.topic(channel), payload, qos, boot.key))
+                                       True, boot.topic(channel), payload, qos, boot.key,
+                                       boot.epoch))
 
     def from_gateway(self, topic: str, payload: bytes, expiry_s: float | None) -> None:
         parts = topic.split("/")
@@ -271,20 +275,22 @@ class GatewayModel(RuleBasedStateMachine):
         body = json.loads(m.payload)
         key = m.key
         if channel == "state" and body["online"]:
-            self.last_seq[key] = None
             session = body.get("session")
             self.set_shown(key, session["session_id"] if session else None)
         elif channel == "state":
             self.set_shown(key, None)
         elif channel == "telemetry":
             last = self.last_seq.get(key)
-            if last is None or body["seq"] > last:
-                self.last_seq[key] = body["seq"]
+            if last is None or (m.epoch, body["seq"]) > last:  # the newest the boot sent
+                self.last_seq[key] = (m.epoch, body["seq"])
                 running = body.get("session_id") is not None and body["phase"] not in (
                     "idle", "vent")
+                if running and body["session_id"] in self.ended.get(key, ()):
+                    return  # sent before the boot's own word that the session is over
                 self.set_shown(key, body["session_id"] if running else None)
         elif channel == "event" and body["kind"] in (
                 "session_completed", "session_stopped", "user_stop", "vented"):
+            self.ended.setdefault(key, set()).add(body.get("session_id"))
             if self.shown.get(key) == body.get("session_id"):
                 self.set_shown(key, None)
 
@@ -481,6 +487,7 @@ class GatewayModel(RuleBasedStateMachine):
             return
         boot.physics = BootModel(2, 120.0, rng=boot.rng, noise_mmhg=0.3)
         boot.session, boot.silent, boot.seq, boot.pending = None, False, 0, []
+        boot.epoch += 1
         self.hazards_over(boot)
         self.send(boot, "state", boot.state(True, self.t), 1)
         self.advance(0.1)
@@ -511,6 +518,7 @@ class GatewayModel(RuleBasedStateMachine):
         boot.pending = []
         self.advance(away)
         boot.online, boot.seq = True, 0
+        boot.epoch += 1
         self.send(boot, "state", boot.state(True, self.t), 1)
         if ended is not None:
             self.send(boot, "event", {"kind": "vented", "ts": boot.clock(self.t),

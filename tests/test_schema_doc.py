@@ -108,7 +108,7 @@ class Clinic:
         boot = self.fleet.upsert_state(clinic, device, state, at, 100.0)
         if known is not None:
             boot.watch.online = online  # the service does this through the watchdog
-        self.add(points.boot_state(boot, ms(at)))
+        self.add(points.boot_state(boot, ms(at) * 1000))
         return boot
 
     def add(self, point: Point) -> None:
@@ -140,7 +140,7 @@ class Clinic:
 
     def session(self, boot: Boot, sess: Session, outcome: str, at: float,
                 ended_at: float | None = None) -> None:
-        self.add(points.session(boot.clinic, boot.device, sess, outcome, ms(at),
+        self.add(points.session(boot.clinic, boot.device, sess, outcome, ms(at) * 1000,
                                 ended_at=ended_at))
 
     def telemetry(self, boot: Boot, at: float, seq: int, phase: Phase,
@@ -169,20 +169,20 @@ class Clinic:
                       session_id=sess.session_id if sess else None,
                       program=start.program if start else None)
         tracked = TrackedCommand(boot.key, cmd, at)
-        self.add(points.command(tracked, ms(at)))
+        self.add(points.command(tracked, ms(at) * 1000))
         for outcome, after in acks:
             tracked.outcome = outcome
             if outcome is CommandOutcome.FAILED:
                 tracked.reason = f"no ack within {after:g} s"
             elif tracked.latency_s is None:
                 tracked.latency_s = after
-            self.add(points.command(tracked, ms(at + after)))
+            self.add(points.command(tracked, ms(at + after) * 1000))
 
     # safety -------------------------------------------------------------------------------
 
     def safety(self, boot: Boot, action: SafetyAction, at: float) -> Alarm | None:
         session_id = boot.session.session_id if boot.session else None
-        self.add(points.safety_event(boot, action, session_id, ms(at)))
+        self.add(points.safety_event(boot, action, session_id, ms(at) * 1000))
         if not action.alarm:
             return None
         return self.publish(self.book.raise_alarm(boot.clinic, boot.device, action, session_id,
@@ -193,7 +193,7 @@ class Clinic:
         return a
 
     def confirmed(self, boot: Boot, after_s: float, resends: int, at: float) -> None:
-        self.add(points.vent_confirmed(boot, VentConfirmed(after_s, resends), ms(at)))
+        self.add(points.vent_confirmed(boot, VentConfirmed(after_s, resends), ms(at) * 1000))
         for a in self.book.resolve(boot.clinic, boot.device, VENT_RESOLVED, at):
             self.publish(a)
 
@@ -201,7 +201,7 @@ class Clinic:
         return self.publish(self.book.acknowledge(a.alarm_id, by, at))
 
     def fault(self, boot: Boot, kind: str, reason: str, at: float) -> None:
-        self.add(points.device_fault(addr(boot), kind, reason, ms(at)))
+        self.add(points.device_fault(addr(boot), kind, reason, ms(at) * 1000))
 
     def keep(self, **named: Alarm | None) -> None:
         """Alarms the queries are checked against, by name."""
@@ -416,7 +416,7 @@ def health(c: Clinic) -> None:
         assert set(report) <= set(base), set(report) - set(base)
         fields = {k: type(v)(report.get(k, v)) for k, v in base.items()}
         c.day.health.append({"time": t, **fields})
-        c.add(points.gateway_health("gw-clinic-a", fields, ms(t)))
+        c.add(points.gateway_health("gw-clinic-a", fields, ms(t) * 1000))
 
 
 def legacy_alarms(now: float) -> list[Point]:
