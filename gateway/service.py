@@ -491,6 +491,12 @@ class Gateway:
     def _on_event(self, addr: TopicAddress, event: BootEvent) -> None:
         boot = self.fleet.get(addr.clinic, addr.device)
         self.writer.submit(points.boot_event(addr, event, int(self.clock() * 1000)))
+        if event.kind in _SESSION_END and event.session_id is not None:
+            # after a restart the broker's queued events may come before the retained state
+            entry = self._unreconciled.get(event.session_id)
+            if entry is not None and entry.key == addr.key:
+                self._close_unreconciled(entry, _SESSION_END[event.kind])
+                return
         if boot is None:
             return
         boot.last_seen = self.clock()
@@ -509,9 +515,6 @@ class Gateway:
                 ended = boot.ended_sessions.get(event.session_id)
                 if ended is not None and not ended.by_boot:
                     boot.remember_ended(ended.session, True, ended.outcome)  # over for good
-                entry = self._unreconciled.get(event.session_id)
-                if entry is not None and entry.key == boot.key:
-                    self._close_unreconciled(entry, _SESSION_END[event.kind])
         elif event.kind is EventKind.FAULT:
             boot.faults += 1
             self.writer.submit(points.device_fault(addr, "boot_fault", event.detail or "",

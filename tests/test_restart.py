@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 
 import pytest
 
 from device_sim.fleet import SimFleet
 from device_sim.local_stack import LocalInflux, LocalMosquitto
+from gateway.journal import OpenSession, SessionJournal
 from tests.helpers import gateway_settings, mqtt_of, running_gateway, short_program, wait_for
 
 pytestmark = pytest.mark.integration
+
+TERMINAL = {"completed", "stopped", "user_stop", "vented", "rejected", "failed", "lost"}
 
 
 async def test_restarted_gateway_resumes_sessions_and_vents(
@@ -64,3 +68,57 @@ async def test_restarted_gateway_resumes_sessions_and_vents(
             assert sorted((r[2], r[3]) for r in rows) == [
                 ("b1", "hard_ceiling"), ("b2", "over_target")]
             assert second.gw.stats.sessions_resumed == 3
+
+
+async def test_a_session_that_ends_while_the_gateway_is_down_gets_its_one_outcome(
+    mosquitto: LocalMosquitto, influx: LocalInflux
+) -> None:
+    """Start, stop the gateway, the boot vents itself on heartbeat loss, restart: the event
+    the broker queued for the gateway's session closes the journalled session as vented."""
+    prefix = f"c{secrets.token_hex(3)}-"
+    clinic = f"{prefix}1"
+    fleet = SimFleet([(clinic, "b0")], mqtt_of(mosquitto), telemetry_period_s=0.1, seed=5)
+    boot = fleet.boots[f"{clinic}/b0"]
+    async with fleet:
+        settings = gateway_settings(mosquitto, influx)  # the same client id and journal twice
+        async with running_gateway(settings, influx, clinic_prefix=prefix) as first:
+            await wait_for(lambda: boot.key in first.gw.fleet.boots, 10, "boot known")
+            r = await first.api.post(f"/api/v1/boots/{clinic}/b0/session", json={
+                "custom": short_program(duration_s=120.0).model_dump(mode="json")})
+            assert r.status_code == 202, r.text
+            session_id = r.json()["session_id"]
+            await wait_for(lambda: first.gw.fleet.boots[boot.key].state.session is not None,
+                           5, "the boot's state with its session seen")
+        await boot.wait_for_self_vent(timeout=15)  # nobody watches: the boot's own duty
+        async with running_gateway(settings, influx, clinic_prefix=prefix) as second:
+            def outcomes() -> list[str]:
+                series = second.query(
+                    f"SELECT session_id, outcome FROM session WHERE session_id = '{session_id}'")
+                return [row[2] for s in series for row in s["values"]]
+
+            # the outcome has no event of its own: poll storage, past the 10 s window
+            await wait_for(lambda: TERMINAL & set(outcomes()), 15, "a terminal outcome")
+            await second.flush()
+            stored = outcomes()
+            assert stored == ["started", "vented"]
+            assert second.gw.fleet.boots[boot.key].session is None
+
+
+async def test_a_journalled_session_nobody_reports_is_recorded_lost(
+    mosquitto: LocalMosquitto, influx: LocalInflux, tmp_path: Path
+) -> None:
+    """A session open at the last stop, of a boot that says nothing of it (no retained state
+    with it, no queued event): after the reconcile window it gets the outcome `lost`."""
+    journal = tmp_path / "sessions.jsonl"
+    entry = OpenSession(key="c-lost-1/b9", session_id="s-lost-1", cmd_id="c-lost-1",
+                        program=short_program(), requested_at=time.time() - 60,
+                        started_at=time.time() - 59)
+    SessionJournal(journal).opened(entry)
+    settings = gateway_settings(mosquitto, influx, session_journal=journal,
+                                reconcile_window_s=1.0)
+    async with running_gateway(settings, influx) as gw:
+        await wait_for(lambda: gw.count(
+            "SELECT count(session_id) FROM session WHERE outcome = 'lost'"), 10, "'lost' stored")
+        rows = gw.query("SELECT session_id, outcome, program FROM session")[0]["values"]
+        assert [r[1:] for r in rows] == [["s-lost-1", "lost", "test_short"]]
+    assert SessionJournal(journal).load() == {}
