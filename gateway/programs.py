@@ -89,6 +89,7 @@ class BootLimits:
     gateway_ceiling_mmhg: float = float("inf")  # the watchdog's hard ceiling (rule 1)
     gateway_max_inflation_s: float = float("inf")  # the watchdog's absolute cap (rule 3)
     venting: bool = False  # a vent of the gateway's is not yet confirmed (rule 8)
+    telemetry_period_s: float = 0.0  # from its state: how often the watchdog sees it
 
 
 def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimits) -> list[str]:
@@ -131,6 +132,13 @@ def check_program(program: SessionProgram, boot: BootLimits, limits: ProgramLimi
         reasons.append(
             f"duration {program.duration_s / 60:g} min is outside "
             f"{limits.min_duration_s / 60:g}-{limits.max_duration_s / 60:g} min"
+        )
+    release = program.timing.deflate_s + program.timing.pause_s
+    need = max(limits.min_release_s, 2 * boot.telemetry_period_s)
+    if release < need:
+        reasons.append(
+            f"deflate_s + pause_s is {release:g} s per cycle; at least {need:g} s are needed "
+            "so every chamber empties and is seen empty (intermittent, never a fixed squeeze)"
         )
     inflated = program.longest_inflation_s()
     if program.max_inflation_s is not None and program.max_inflation_s < inflated:

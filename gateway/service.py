@@ -696,7 +696,7 @@ class Gateway:
             in_session=boot.session is not None,
             gateway_ceiling_mmhg=self.settings.watchdog.hard_ceiling_mmhg,
             gateway_max_inflation_s=self.settings.watchdog.max_inflation_s,
-            venting=boot.watch.venting,
+            venting=boot.watch.venting, telemetry_period_s=boot.state.telemetry_period_s,
         )
         reasons = check_program(program, limits, self.settings.programs)
         if not self.link.connected.is_set():

@@ -142,6 +142,11 @@ class ProgramLimits(BaseModel):
     )
     min_pressure_mmhg: float = Field(20.0, ge=0)
     min_cycle_s: float = Field(20.0, gt=0, description="shortest inflate/deflate cycle")
+    min_release_s: float = Field(
+        4.0, ge=0, le=60, description="rule 9: deflate_s + pause_s at least this (and at "
+        "least two telemetry periods of the boot), so every chamber empties each cycle and "
+        "the watchdog sees it empty",
+    )
     max_cycle_s: float = Field(60.0, gt=0, description="longest inflate/deflate cycle")
     min_duration_s: float = Field(600.0, gt=0, description="shortest session")
     max_duration_s: float = Field(2400.0, gt=0, description="longest session")

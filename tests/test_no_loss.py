@@ -229,6 +229,9 @@ async def test_mosquitto_restart_mid_stream_loses_no_event_or_ack(
                 await wait_for(lambda: gw.gw.link.connected.is_set(), 20, "gateway back")
                 await wait_for(lambda: all(gw.gw.fleet.boots[k].online for k in fleet.boots),
                                20, "every boot back online")
+                # rule 9 refuses a start until the gateway's vent (rule 7's) is confirmed
+                await wait_for(lambda: not any(gw.gw.fleet.boots[k].watch.venting
+                                               for k in fleet.boots), 10, "vents confirmed")
                 # Commands and acks flow again: a new session and its stop on three boots.
                 for _, device in members[:3]:
                     r = await gw.api.post(f"/api/v1/boots/{clinic}/{device}/session",
