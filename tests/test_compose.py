@@ -534,6 +534,11 @@ def test_gateway_works_in_its_volume_and_has_time_to_flush_on_stop():
     gateway = _service("gateway")
     targets = {t for _, t in _named_volumes(gateway)}
     assert gateway["working_dir"] in targets, "relative paths (spool, bootgw.toml) must persist"
+    # the session journal must survive a container restart: it is what closes the sessions
+    # that ended while the gateway was away
+    journal = GatewaySettings.model_fields["session_journal"].default
+    assert journal is not None and not journal.is_absolute()
+    assert "BOOTGW_SESSION_JOURNAL" not in _gateway_env(), "an override must stay in /data"
     # Gateway.run closes storage with a 10 s timeout; docker's default is 10 s, then SIGKILL.
     assert _duration_s(gateway["stop_grace_period"]) >= 15
     assert float(_gateway_env()["BOOTGW_HEALTH_INTERVAL_S"]) <= 60, (
