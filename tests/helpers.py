@@ -89,7 +89,7 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
             url=server.url, database=db or f"t_{secrets.token_hex(4)}", flush_interval_s=0.1,
             spool_dir=Path(tempfile.mkdtemp(prefix="gw-spool-"))),
         api=ApiSettings(port=free_port()),
-        programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, start_expiry_s=5),
+        programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, min_release_s=1, start_expiry_s=5),
         watchdog=over.pop("watchdog", WatchdogSettings(telemetry_loss_floor_s=1.0)),
         command_ack_timeout_s=over.pop("command_ack_timeout_s", 5),
         heartbeat_interval_s=0.5,

@@ -323,7 +323,7 @@ async def test_late_but_valid_accept_is_a_watched_session(
     waits command_ack_timeout_s (5 s) for the first ack. A boot that accepts at 6 s has
     started a session: the gateway must show it, not report the start failed, and watch it
     with every rule (rule 2: 3 samples above target + 15 mmHg -> vent)."""
-    limits = ProgramLimits(min_duration_s=2, min_cycle_s=1, start_expiry_s=10)
+    limits = ProgramLimits(min_duration_s=2, min_cycle_s=1, min_release_s=1, start_expiry_s=10)
     async with gateway_with(mosquitto, influx, programs=limits, command_ack_timeout_s=5) as gw:
         behaviour = BootBehaviour(ack_at_issued_plus_s=6.0)
         async with new_boot(mosquitto, gw, behaviour=behaviour) as boot:

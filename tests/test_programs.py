@@ -102,3 +102,103 @@ def test_program_model_rejects_nan_and_nonsense() -> None:
         program([60, 50], duration_s=-1)
     with pytest.raises(ValueError):
         program([])
+
+
+# ---------------------------------------------------------------- edges of the rule-9 limits
+
+
+def test_a_target_exactly_at_the_ceiling_less_its_margin_is_allowed() -> None:
+    """Ceiling 100 (clinic) less the 5 mmHg margin: 95 may be sent, 95.1 may not."""
+    assert check_program(program([95, 90, 90, 90]), BOOT, LIMITS) == []
+    reasons = check_program(program([95.1, 90, 90, 90]), BOOT, LIMITS)
+    assert len(reasons) == 1 and reasons[0].startswith("chamber 1 target 95.1 mmHg is above 95")
+
+
+def test_a_target_exactly_at_the_minimum_pressure_is_allowed() -> None:
+    assert check_program(program([20] * 4), BOOT, LIMITS) == []
+    assert check_program(program([20, 20, 20, 19.9]), BOOT, LIMITS) == [
+        "chamber 4 target 19.9 mmHg is below the minimum of 20 mmHg"]
+
+
+@pytest.mark.parametrize(("inflate_s", "cycle", "allowed"), [
+    (0.25, 19, False),
+    (0.5, 20, True),  # exactly min_cycle_s
+    (10.5, 60, True),  # exactly max_cycle_s
+    (10.75, 61, False),
+])
+def test_a_cycle_exactly_at_its_bounds_is_allowed(inflate_s: float, cycle: float,
+                                                  allowed: bool) -> None:
+    prog = program([60] * 4, inflate_s=inflate_s)  # 4 x inflate_s + 6 + 6 + 6
+    assert prog.timing.cycle_s(4) == cycle
+    reasons = check_program(prog, BOOT, LIMITS)
+    assert reasons == ([] if allowed else [
+        f"one inflate/deflate cycle takes {cycle:g} s; it must be between 20 and 60 s"])
+
+
+@pytest.mark.parametrize(("deflate_s", "pause_s", "period_s", "allowed"), [
+    (2, 1.9, 0.0, False),
+    (2, 2, 0.0, True),  # exactly MIN_RELEASE_S (4 s)
+    (2, 3, 2.5, True),  # exactly two telemetry periods of the boot (5 s)
+    (2, 2.9, 2.5, False),
+])
+def test_a_release_exactly_at_its_minimum_is_allowed(deflate_s: float, pause_s: float,
+                                                     period_s: float, allowed: bool) -> None:
+    """deflate_s + pause_s >= max(MIN_RELEASE_S, 2 x the boot's telemetry period)."""
+    prog = SessionProgram(name="p", targets_mmhg=[60] * 4, duration_s=1200,
+                          timing=ProgramTiming(inflate_s=4, hold_s=8, deflate_s=deflate_s,
+                                               pause_s=pause_s))  # cycle 28-29 s
+    boot = BootLimits("c1", 4, 120, True, False, telemetry_period_s=period_s)
+    reasons = check_program(prog, boot, LIMITS)
+    need = max(4, 2 * period_s)
+    assert reasons == ([] if allowed else [
+        f"deflate_s + pause_s is {deflate_s + pause_s:g} s per cycle; at least {need:g} s are "
+        "needed so every chamber empties and is seen empty (intermittent, never a fixed "
+        "squeeze)"])
+
+
+@pytest.mark.parametrize(("duration_s", "allowed"), [
+    (599.5, False),
+    (600, True),  # exactly min_duration_s
+    (2400, True),  # exactly max_duration_s
+    (2400.5, False),
+])
+def test_a_duration_exactly_at_its_bounds_is_allowed(duration_s: float, allowed: bool) -> None:
+    reasons = check_program(program([60] * 4, duration_s=duration_s), BOOT, LIMITS)
+    assert (reasons == []) is allowed
+    assert all(r.startswith(f"duration {duration_s / 60:g} min is outside 10-40 min")
+               for r in reasons)
+
+
+def test_equal_targets_are_allowed_but_no_rise_towards_the_thigh() -> None:
+    assert check_program(program([60] * 4), BOOT, LIMITS) == []
+    assert check_program(program([60, 60, 60.1, 60]), BOOT, LIMITS) == [
+        "chamber 3 target is above the most distal chamber's; pressure must not rise towards "
+        "the thigh"]
+
+
+@pytest.mark.parametrize(("max_inflation_s", "allowed"), [
+    (27.9, False),
+    (28, True),  # exactly the program's own longest inflation: 4 x 4 + 6 + 6
+    (40, True),
+])
+def test_max_inflation_may_not_be_shorter_than_the_programs_own_inflation(
+    max_inflation_s: float, allowed: bool,
+) -> None:
+    prog = program([60] * 4).model_copy(update={"max_inflation_s": max_inflation_s})
+    assert prog.longest_inflation_s() == 28
+    reasons = check_program(prog, BOOT, LIMITS)
+    assert reasons == ([] if allowed else [
+        f"max_inflation_s {max_inflation_s:g} s is shorter than the program's own longest "
+        "inflation of 28 s (n x inflate_s + hold_s + deflate_s)"])
+
+
+@pytest.mark.parametrize(("cap", "allowed"), [(27.5, False), (28, True)])
+def test_longest_inflation_exactly_at_the_gateways_cap_is_allowed(cap: float,
+                                                                  allowed: bool) -> None:
+    """The gateway's rule-3 cap (MAX_INFLATION_S): a program inflating a chamber longer per
+    cycle than rule 3 allows would be vented by it, so rule 9 refuses it first."""
+    boot = BootLimits("c1", 4, 120, True, False, gateway_max_inflation_s=cap)
+    reasons = check_program(program([60] * 4), boot, LIMITS)
+    assert reasons == ([] if allowed else [
+        f"the most distal chamber stays inflated 28 s per cycle, above the gateway's limit of "
+        f"{cap:g} s"])

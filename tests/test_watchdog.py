@@ -18,7 +18,15 @@ from gateway.contract import (
     Telemetry,
 )
 from gateway.settings import WatchdogSettings
-from gateway.watchdog import BootWatch, Rule, SafetyAction, VentConfirmed, Watchdog
+from gateway.watchdog import (
+    CLOCK_CREDIT_CAP_S,
+    SEQ_RESET_WINDOW,
+    BootWatch,
+    Rule,
+    SafetyAction,
+    VentConfirmed,
+    Watchdog,
+)
 
 LIMITS = WatchdogSettings(
     hard_ceiling_mmhg=120, over_target_tolerance_mmhg=15, over_target_samples=3,
@@ -31,7 +39,7 @@ TARGETS = [60.0, 58.0, 56.0, 54.0]
 PROGRAM = SessionProgram(
     name="p", targets_mmhg=TARGETS, duration_s=600,
     timing=ProgramTiming(inflate_s=4, hold_s=6, deflate_s=6, pause_s=6),
-)  # longest inflation 4 x 4 + 6 = 22 s; with 5 s grace the rule-3 limit is 27 s
+)  # longest inflation 4 x 4 + 6 + 6 = 28 s; with 5 s grace the rule-3 limit is 33 s
 SAFE = [0.0, 0.0, 0.0, 0.0]
 
 
@@ -49,6 +57,12 @@ def sample(pressures: list[float], seq: int = 0, ts: float | None = None,
 def vented(pressures: list[float], seq: int = 0, ts: float | None = None) -> Telemetry:
     """A sample of a boot that obeyed a vent: phase vent, no session any more."""
     return sample(pressures, seq, ts, phase=Phase.VENT, session_id=None)
+
+
+def told(seq: int, now: float, elapsed: float, session_id: str = "s1") -> Telemetry:
+    """A safe sample with the boot's own account of its session's elapsed time."""
+    return Telemetry(seq=seq, ts=1000.0 + now, session_id=session_id, session_elapsed_s=elapsed,
+                     phase=Phase.HOLD, pressures=SAFE)
 
 
 def in_session(dog: Watchdog, w: BootWatch, now: float = 0.0) -> BootWatch:
@@ -95,6 +109,14 @@ def test_hard_ceiling_applies_outside_a_session() -> None:
     assert [(a.rule, a.chamber) for a in actions] == [(Rule.HARD_CEILING, 3)]
 
 
+def test_a_reading_exactly_at_the_ceiling_is_not_a_vent() -> None:
+    """Rule 1 vents a chamber strictly above the lowest ceiling (100 mmHg here)."""
+    feed = Feed(Watchdog(LIMITS), watch())
+    assert feed([0, 0, 100.0, 0]) == []
+    assert [(a.rule, a.chamber, a.value, a.limit) for a in feed([0, 0, 100.1, 0])] == [
+        (Rule.HARD_CEILING, 3, 100.1, 100.0)]
+
+
 # ---------------------------------------------------------------- rule 2
 
 
@@ -134,6 +156,33 @@ def test_a_restarted_boot_with_seq_from_zero_is_watched() -> None:
     for i in range(2):
         assert dog.on_telemetry(w, sample(high, i), 0.2 + i / 10) == []
     assert vents(dog.on_telemetry(w, sample(high, 2), 0.5))
+
+
+def test_exactly_target_plus_tolerance_is_not_over_target() -> None:
+    """Rule 2 counts a sample strictly above target + tolerance (60 + 15 = 75 mmHg here)."""
+    dog = Watchdog(LIMITS)
+    feed = Feed(dog, in_session(dog, watch()))
+    for _ in range(10):
+        assert feed([75.0, 58, 56, 54]) == []
+    over = [75.1, 58, 56, 54]
+    assert feed(over) == [] and feed(over) == []
+    assert [(a.rule, a.chamber, a.limit) for a in feed(over)] == [(Rule.OVER_TARGET, 1, 75.0)]
+
+
+@pytest.mark.parametrize(("high", "chamber"), [
+    ([80, 85, 56, 54], 2),  # +20 and +27 over their targets
+    ([87, 78, 56, 54], 1),  # +27 and +20
+    ([80, 58, 56, 79], 4),  # +20 at 80 mmHg, +25 at 79 mmHg: the excess counts, not the pressure
+    ([80, 78, 56, 54], 1),  # +20 and +20: a tie names the more distal chamber
+])
+def test_over_target_names_the_chamber_furthest_above_its_target(high: list[float],
+                                                                 chamber: int) -> None:
+    dog = Watchdog(LIMITS)
+    feed = Feed(dog, in_session(dog, watch()))
+    assert feed(high) == [] and feed(high) == []
+    actions = feed(high)
+    assert [(a.rule, a.chamber, a.value, a.limit) for a in actions] == [
+        (Rule.OVER_TARGET, chamber, high[chamber - 1], TARGETS[chamber - 1] + 15)]
 
 
 # ---------------------------------------------------------------- rule 3
@@ -180,6 +229,88 @@ def test_absolute_inflation_cap_outside_a_session() -> None:
     assert [a.rule for a in feed([30, 0, 0, 0], dt=2)] == [Rule.SUSTAINED_INFLATION]
 
 
+def test_a_chamber_exactly_at_the_inflated_level_is_not_inflated() -> None:
+    """Rule 3: a chamber counts as inflated strictly above INFLATED_LEVEL_MMHG (20)."""
+    feed = Feed(Watchdog(LIMITS), watch())  # idle: the absolute cap, 120 s
+    assert feed([20.0, 0, 0, 0]) == []
+    assert feed([20.0, 0, 0, 0], dt=200) == []
+    assert feed([20.1, 0, 0, 0]) == []
+    assert [a.rule for a in feed([20.1, 0, 0, 0], dt=121)] == [Rule.SUSTAINED_INFLATION]
+
+
+def test_an_inflation_exactly_as_long_as_the_limit_does_not_vent() -> None:
+    """Rule 3 vents an inflation strictly longer than its limit (33 s for PROGRAM)."""
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    held = [60.0, 0, 0, 0]
+    assert dog.on_telemetry(w, sample(SAFE, 1, ts=1001.0), 1.0) == []
+    assert dog.on_telemetry(w, sample(held, 2, ts=1002.0), 2.0) == []  # inflated from here
+    assert dog.on_telemetry(w, sample(held, 3, ts=1035.0), 35.0) == []  # 33 s: the limit
+    actions = dog.on_telemetry(w, sample(held, 4, ts=1035.25), 35.25)
+    assert [(a.rule, a.chamber, a.value, a.limit) for a in actions] == [
+        (Rule.SUSTAINED_INFLATION, 1, 33.25, 33.0)]
+
+
+@pytest.mark.parametrize("first", [0, 3])
+def test_sustained_inflation_names_the_chamber_inflated_longest(first: int) -> None:
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    other = 3 - first
+    one, both = list(SAFE), list(SAFE)
+    one[first] = both[first] = both[other] = 30.0
+    assert dog.on_telemetry(w, sample(one, 1, ts=1001.0), 1.0) == []
+    assert dog.on_telemetry(w, sample(both, 2, ts=1002.0), 2.0) == []
+    actions = dog.on_telemetry(w, sample(both, 3, ts=1041.0), 41.0)  # 40 s and 39 s, limit 33
+    assert [(a.rule, a.chamber, a.value) for a in actions] == [
+        (Rule.SUSTAINED_INFLATION, first + 1, 40.0)]
+
+
+@pytest.mark.parametrize("step_s", [60.0, -60.0])
+def test_a_step_of_the_boots_clock_does_not_change_rule_3(step_s: float) -> None:
+    """NTP may step a boot's clock either way mid-inflation: rule 3 still times the inflation
+    by the gateway's clock across the step, so it neither vents early nor never."""
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch())
+    held = [60.0, 40.0, 15.0, 15.0]
+    results = []
+    for i in range(1, 341):  # 10 Hz, 34 s inflated; the boot's clock steps after 10 s
+        ts = 1000.0 + i / 10 + (step_s if i > 100 else 0.0)
+        results.append(vents(dog.on_telemetry(w, sample(held, i, ts), i / 10)))
+    assert not any(results[:330])  # up to 32.9 s inflated
+    assert [a.rule for r in results[330:] for a in r] == [Rule.SUSTAINED_INFLATION]
+
+
+def advance(w: BootWatch, ts: float, now: float) -> float:
+    return Watchdog._advance_clock(w, ts, now)
+
+
+def test_rule_3_clock_takes_the_boots_interval_up_to_the_step_tolerance() -> None:
+    """CLOCK_STEP_TOLERANCE_S (0.5 s): an interval of the boot's up to 0.5 s longer than the
+    gateway saw is jitter and counts whole; a longer one is a step, cut to the gateway's."""
+    w = watch()
+    assert advance(w, 1000.0, 0.0) == 0.0  # the first sample starts the clock
+    assert advance(w, 1000.75, 0.25) == 0.75  # 0.25 s + 0.5 s tolerance: taken whole
+    assert w.clock_credit_s == 0.0
+    assert advance(w, 1001.625, 0.5) == 1.0  # 0.875 s > 0.25 + 0.5: only the gateway's 0.25 s
+    assert advance(w, 1001.625, 0.75) == 1.0  # the boot's clock stood still: nothing
+    assert w.clock_credit_s == 0.25  # the gateway's 0.25 s kept as credit
+    assert advance(w, 1000.0, 1.0) == 1.0  # backwards: counts as none
+    assert w.clock_credit_s == 0.5
+    assert advance(w, 1001.0, 1.0) == 2.0  # 1 s on the boot = credit 0.5 + tolerance 0.5
+    assert w.clock_credit_s == 0.0
+
+
+def test_rule_3_clock_keeps_at_most_the_credit_cap() -> None:
+    """After a 30 s stall of the gateway, a 30 s forward step of the boot's clock counts only
+    the CLOCK_CREDIT_CAP_S (10 s) of gateway time kept as credit."""
+    w = watch()
+    advance(w, 1000.0, 0.0)
+    assert advance(w, 1000.5, 30.0) == 0.5
+    assert w.clock_credit_s == CLOCK_CREDIT_CAP_S
+    assert advance(w, 1030.5, 30.0) == 0.5 + CLOCK_CREDIT_CAP_S
+    assert w.clock_credit_s == 0.0
+
+
 # ---------------------------------------------------------------- rule 4
 
 
@@ -208,6 +339,53 @@ def test_resumed_session_counts_elapsed_time() -> None:
     assert [a.rule for a in dog.on_tick(w, 1017.0)] == [Rule.SESSION_OVERRUN]
 
 
+def test_session_overrun_fires_once_per_session_even_after_its_vent_is_confirmed() -> None:
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch(), now=0.0)  # limit 636 s
+    w.last_sample_at = 636.0
+    assert dog.on_tick(w, 636.0) == []  # exactly the limit
+    assert [a.rule for a in dog.on_tick(w, 636.5)] == [Rule.SESSION_OVERRUN]
+    assert isinstance(dog.on_telemetry(w, sample(SAFE, 1, phase=Phase.VENT), 637.0)[0],
+                      VentConfirmed)
+    for t in (637.5, 700.0, 5000.0):  # the session not ended (the service would end it)
+        w.last_sample_at = t
+        assert dog.on_tick(w, t) == []
+
+
+def test_no_session_overrun_when_the_program_is_unknown() -> None:
+    dog = Watchdog(LIMITS)
+    w = watch()
+    dog.start_session(w, "s1", None, now=0.0, elapsed_s=5000.0)  # resumed from telemetry
+    w.last_sample_at = 100_000.0
+    assert dog.on_tick(w, 100_000.0) == []
+
+
+def test_the_boots_own_elapsed_time_counts_when_it_is_longer() -> None:
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch(), now=100.0)  # by the gateway: overrun after 736 s
+    dog.on_telemetry(w, told(1, 110.0, 500.0, session_id="s0"), 110.0)  # another session's
+    w.last_sample_at = 300.0
+    assert dog.on_tick(w, 300.0) == []
+    dog.on_telemetry(w, told(2, 120.0, 50.0), 120.0)  # the boot: started at 70
+    dog.on_telemetry(w, told(3, 130.0, 5.0), 130.0)  # a shorter account does not count
+    w.last_sample_at = 706.0
+    assert dog.on_tick(w, 706.0) == []  # 636 s since 70: the limit
+    assert [a.rule for a in dog.on_tick(w, 706.5)] == [Rule.SESSION_OVERRUN]
+
+
+def test_a_resumed_sessions_guess_waits_for_the_boots_own_elapsed_time() -> None:
+    dog = Watchdog(LIMITS)
+    w = watch()
+    dog.start_session(w, "s1", PROGRAM, now=1000.0, elapsed_s=5000.0, provisional=True)
+    assert dog.on_tick(w, 1000.5) == []  # the guess alone would be an overrun
+    dog.on_telemetry(w, told(1, 1001.0, 0.0, session_id="s0"), 1001.0)  # not this session
+    assert dog.on_tick(w, 1001.5) == []
+    dog.on_telemetry(w, told(2, 1002.0, 100.0), 1002.0)  # replaces the guess: started at 902
+    w.last_sample_at = 1538.0
+    assert dog.on_tick(w, 1538.0) == []
+    assert [a.rule for a in dog.on_tick(w, 1538.5)] == [Rule.SESSION_OVERRUN]
+
+
 # ---------------------------------------------------------------- rule 5
 
 
@@ -221,6 +399,15 @@ def test_telemetry_loss_in_session_vents_once_with_alarm() -> None:
     assert len(actions) == 1 and actions[0].rule is Rule.TELEMETRY_LOSS
     assert actions[0].vent and actions[0].alarm and actions[0].limit == 3.0
     assert all(a.rule is not Rule.TELEMETRY_LOSS for a in dog.on_tick(w, 10.0))
+
+
+def test_silence_exactly_at_the_limit_does_not_vent() -> None:
+    """Rule 5 vents a silence strictly longer than its limit (3 s here)."""
+    dog = Watchdog(LIMITS)
+    w = in_session(dog, watch(period=0.5), now=0.0)
+    dog.on_telemetry(w, sample(TARGETS), 1.0)
+    assert dog.on_tick(w, 4.0) == []
+    assert [(a.rule, a.value) for a in dog.on_tick(w, 4.125)] == [(Rule.TELEMETRY_LOSS, 3.125)]
 
 
 def test_telemetry_loss_is_held_while_the_gateway_catches_up() -> None:
@@ -277,6 +464,25 @@ def test_implausible_data_vents_and_is_a_fault(pressures: list[float], chamber: 
 
 def test_slightly_negative_readings_are_plausible() -> None:
     assert Feed(Watchdog(LIMITS), watch())([-1.5, 0, 0, 0]) == []
+
+
+def test_readings_exactly_at_the_plausible_bounds_are_plausible() -> None:
+    """Rule 6: implausible is strictly below PLAUSIBLE_MIN (-10) or above PLAUSIBLE_MAX (250)."""
+    assert Feed(Watchdog(LIMITS), watch())([-10.0, 0, 0, 0]) == []
+    actions = Feed(Watchdog(LIMITS), watch())([0, 0, 0, 250.0])  # plausible, but over the ceiling
+    assert [(a.rule, a.fault) for a in actions] == [(Rule.HARD_CEILING, False)]
+
+
+@pytest.mark.parametrize(("reading", "value", "limit"), [
+    (-10.1, -10.1, -10.0),
+    (250.1, 250.1, 250.0),
+    (math.inf, None, 250.0),
+])
+def test_implausible_reading_names_the_bound_it_broke(reading: float, value: float | None,
+                                                      limit: float) -> None:
+    actions = Feed(Watchdog(LIMITS), watch())([0, reading, 0, 0])
+    assert [(a.rule, a.chamber, a.value, a.limit) for a in actions] == [
+        (Rule.IMPLAUSIBLE_DATA, 2, value, limit)]
 
 
 # ---------------------------------------------------------------- rule 7
@@ -355,6 +561,35 @@ def test_confirmed_vent_rearms_the_rules() -> None:
     assert len(vents(feed([130, 0, 0, 0]))) == 1
 
 
+def test_a_vent_is_confirmed_only_strictly_below_the_safe_level() -> None:
+    """Rule 8: the episode ends when every chamber is below SAFE_LEVEL_MMHG (10)."""
+    dog = Watchdog(LIMITS)
+    w = watch()
+    feed = Feed(dog, w)
+    assert vents(feed([130, 0, 0, 0]))
+    assert feed([10.0, 0, 0, 0], vent=True) == []  # at the safe level: not yet
+    assert feed([0, 0, 40, 0], vent=True) == []  # shows the vent, but a chamber is still up
+    assert w.venting
+    assert isinstance(feed([9.9, 0, 0, 0], vent=True)[0], VentConfirmed)
+
+
+def test_vent_resent_strictly_after_each_deadline_and_at_most_resend_max_times() -> None:
+    dog = Watchdog(LIMITS)
+    w = watch()
+    assert vents(dog.on_telemetry(w, sample([130, 0, 0, 0]), 1.0))
+    assert dog.on_tick(w, 6.0) == []  # exactly the 5 s deadline
+    resends = [dog.on_tick(w, 6.25)]
+    assert dog.on_tick(w, 11.25) == []  # the deadline runs again from the re-send
+    resends += [dog.on_tick(w, 11.5), dog.on_tick(w, 17.0)]
+    assert dog.on_tick(w, 100.0) == []  # vent_resend_max (3) re-sends made
+    # each re-send: a vent, one alarm for the episode, value = time since the first vent
+    assert [[(a.rule, a.vent, a.alarm, a.value) for a in r] for r in resends] == [
+        [(Rule.VENT_NOT_CONFIRMED, True, True, 5.25)],
+        [(Rule.VENT_NOT_CONFIRMED, True, False, 10.5)],
+        [(Rule.VENT_NOT_CONFIRMED, True, False, 16.0)],
+    ]
+
+
 @pytest.mark.parametrize("phase", [Phase.PAUSE, Phase.DEFLATE, Phase.UNKNOWN])
 def test_a_boot_still_in_its_cycle_does_not_confirm_a_vent(phase: Phase) -> None:
     """Empty chambers in a pause are not a vent: the boot may not have received it yet, and
@@ -368,6 +603,19 @@ def test_a_boot_still_in_its_cycle_does_not_confirm_a_vent(phase: Phase) -> None
     assert dog.on_telemetry(w, low, t + 0.1) == [] and w.venting
     idle = sample(SAFE, 101, phase=Phase.IDLE, session_id=None)
     assert isinstance(dog.on_telemetry(w, idle, t + 0.2)[0], VentConfirmed)
+
+
+def test_seq_order_edges() -> None:
+    """Fresh: above the highest seq so far, or more than SEQ_RESET_WINDOW (1000) below it
+    (a restarted boot). Equal, or up to 1000 below: a duplicate or late sample."""
+    w = watch()
+    assert Watchdog.is_newer(w, 7)  # the first sample
+    w.last_seq = 5000
+    assert Watchdog.is_newer(w, 5001)
+    assert not Watchdog.is_newer(w, 5000)
+    assert not Watchdog.is_newer(w, 4999)
+    assert not Watchdog.is_newer(w, 5000 - SEQ_RESET_WINDOW)
+    assert Watchdog.is_newer(w, 5000 - SEQ_RESET_WINDOW - 1)
 
 
 # ---------------------------------------------------------------- rules 9 and 10
