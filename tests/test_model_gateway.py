@@ -3,7 +3,9 @@
 hypothesis drives three boots that follow docs/protocol.md (pressures from the simulator's
 physics) through starts answered early, late or never, stops, hazards, clock steps both ways,
 reboots, LWT drops and reconnects, lossy, duplicated and reordered telemetry, and gateway
-restarts with retained state and the broker's queued QoS 1 messages. Time is the model's:
+restarts with retained state and the broker's queued QoS 1 messages. A boot's messages travel
+on one connection: its telemetry may be lost, duplicated or reordered among itself, but what
+it sent before a state, event or ack arrives before that. Time is the model's:
 the gateway's clocks are injected and its tick runs every 0.1 s of model time.
 
 The broker and InfluxDB are stand-ins that record and pass messages on: this test is about
@@ -212,7 +214,8 @@ class GatewayModel(RuleBasedStateMachine):
 
     def make_gateway(self) -> Gateway:
         s = GatewaySettings(
-            programs=ProgramLimits(min_duration_s=10, min_cycle_s=2, start_expiry_s=10),
+            programs=ProgramLimits(min_duration_s=10, min_cycle_s=2, min_release_s=1,
+                                   start_expiry_s=10),
             influx=InfluxSettings(spool_dir=None), command_ack_timeout_s=5,
             session_journal=self.journal,
         )
@@ -231,9 +234,14 @@ class GatewayModel(RuleBasedStateMachine):
             return
         self.order += 1
         payload = json.dumps(body).encode()
+        at = self.t + (0.02 if delay is None else delay)
         if channel == "state":
             self.retained[boot.key] = payload
-        self.in_flight.append(InFlight(self.t + (0.02 if delay is None else delay), self.order,
+        if qos == 1:
+            # One connection: what the boot sent before reaches the gateway before this. Only
+            # telemetry among itself may be reordered (and lost, and duplicated).
+            at = max([at] + [m.at for m in self.in_flight if m.key == boot.key and m.to_gateway])
+        self.in_flight.append(InFlight(at, self.order,
                                        True, boot.topic(channel), payload, qos, boot.key,
                                        boot.epoch))
 
@@ -537,6 +545,10 @@ class GatewayModel(RuleBasedStateMachine):
         self.advance(down)
         self.gw = self.make_gateway()
         self.down_since = None
+        for boot in self.boots.values():  # the new gateway can only judge from its start
+            for ep in boot.episodes:
+                if not ep.vented:
+                    ep.at = max(ep.at, self.t)
         self.shown.clear()
         self.last_seq.clear()
         self.out_since.clear()
