@@ -263,11 +263,11 @@ class Watchdog:
         """
         last_ts, last_now = watch.clock_device_ts, watch.clock_gateway_s
         watch.clock_device_ts, watch.clock_gateway_s = device_ts, now
-        if last_ts is None or last_now is None:
+        if last_ts is None or last_now is None:  # mutate: equivalent or -> and (set together)
             return watch.step_free_s
         device_dt = device_ts - last_ts
         credit = watch.clock_credit_s + max(0.0, now - last_now)
-        if device_dt < 0:
+        if device_dt < 0:  # mutate: equivalent < -> <= (a zero interval is a zero step anyway)
             step = 0.0
         elif device_dt <= credit + CLOCK_STEP_TOLERANCE_S:
             step = device_dt
@@ -303,7 +303,8 @@ class Watchdog:
                 return SafetyAction(
                     rule=Rule.IMPLAUSIBLE_DATA, severity=Severity.HIGH, vent=True, alarm=True,
                     fault=True, chamber=i + 1, value=p if math.isfinite(p) else None,
-                    limit=lo if math.isfinite(p) and p < lo else hi,
+                    # -inf: the low limit; NaN: the high one
+                    limit=lo if p < lo else hi,  # mutate: equivalent < -> <= (lo is plausible)
                     detail=f"chamber {i + 1} reads {p} mmHg, outside the plausible "
                     f"{lo:g}..{hi:g} mmHg",
                 )

@@ -739,3 +739,14 @@ def test_each_episode_gets_its_own_single_vent(episodes: int, chamber: int) -> N
             feed(SAFE, vent=True)
         dog.start_session(w, "s1", PROGRAM, feed.t)  # a new session after the vent
     assert count == episodes
+
+
+def test_an_implausible_reading_names_the_limit_it_broke() -> None:
+    """-inf broke the low limit, +inf and NaN the high one (NaN has no side: the high)."""
+    dog = Watchdog(LIMITS)
+    for value, limit in ((-math.inf, -10.0), (math.inf, 250.0), (math.nan, 250.0),
+                         (-10.5, -10.0), (250.5, 250.0)):
+        w = watch()
+        [a] = dog.on_telemetry(w, sample([value, 0, 0, 0], 1), 1.0)
+        assert isinstance(a, SafetyAction) and a.rule is Rule.IMPLAUSIBLE_DATA
+        assert a.limit == limit, (value, a.limit)
