@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per mutant")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--list", action="store_true", help="only list the mutants")
+    ap.add_argument("--min-score", type=float, default=None,
+                    help="exit 1 when a module scores below this percentage (CI gate)")
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # internal: fork server
     args = ap.parse_args(argv)
     if args.serve:
@@ -512,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"seconds": round(took, 1), "modules": results},
                                         indent=2) + "\n")
+    low = [p for p, r in results.items()
+           if args.min_score is not None and r["score"] < args.min_score]
+    if low:
+        print(f"below the minimum score of {args.min_score:g} %: {', '.join(low)}")
+        return 1
     return 0
 
 
