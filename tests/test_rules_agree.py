@@ -1,8 +1,10 @@
 """Rule 9 and the watchdog agree, and the watchdog's durations survive clock steps.
 
-* Any program rule 9 accepts, run by a correct boot (the simulator's physics, noise
-  included), trips no rule: the inflation that rule 9 checks and the one rule 3 enforces come
-  from one model of the cycle (`SessionProgram.longest_inflation_s`, deflate included).
+* Any program rule 9 accepts, run by a correct boot, trips no rule: by the simulator's
+  physics (first-order valves, noise) and by the slowest boot `docs/protocol.md` §9 allows
+  (each chamber takes all of `inflate_s` to rise and all of `deflate_s` to fall). The
+  inflation that rule 9 checks and the one rule 3 enforces come from one model of the cycle
+  (`SessionProgram.longest_inflation_s`, deflate included).
 * A step of the boot's wall clock, either way and back, neither vents a healthy boot nor
   hides a stuck inflation from rule 3 for as long as the step.
 """
@@ -57,14 +59,54 @@ def programs(draw: st.DrawFn) -> SessionProgram:
     return program
 
 
-def run_session(program: SessionProgram, period: float, seed: int) -> list[SafetyAction]:
+class SlowestBoot:
+    """The cycle of protocol.md §9 taken literally: linear ramps over the whole of inflate_s
+    and deflate_s (the boot the report's firmware team wrote). Same interface as BootModel."""
+
+    def __init__(self, program: SessionProgram) -> None:
+        self.program = program
+        self._done = False
+
+    def step(self, t: float) -> tuple[Phase, list[float]]:
+        prog, timing = self.program, self.program.timing
+        n = len(prog.targets_mmhg)
+        if t >= prog.duration_s:
+            self._done = True
+        u = t % timing.cycle_s(n)
+        deflate_at = n * timing.inflate_s + timing.hold_s
+        pressures = []
+        for i, target in enumerate(prog.targets_mmhg):
+            start = i * timing.inflate_s
+            if u < start:
+                p = 0.0
+            elif u < deflate_at:
+                p = target * min(1.0, (u - start) / timing.inflate_s)
+            elif u < deflate_at + timing.deflate_s:
+                p = target * (1 - (u - deflate_at) / timing.deflate_s)
+            else:
+                p = 0.0
+            pressures.append(p)
+        phase = (Phase.INFLATE if u < n * timing.inflate_s else Phase.HOLD if u < deflate_at
+                 else Phase.DEFLATE if u < deflate_at + timing.deflate_s else Phase.PAUSE)
+        return phase, pressures
+
+    def poll_completed(self) -> bool:
+        return self._done
+
+
+def run_session(program: SessionProgram, period: float, seed: int, slowest: bool = False
+                ) -> list[SafetyAction]:
     """A correct boot runs the program to its end; the watchdog sees every sample and tick."""
     dog = Watchdog(WATCHDOG)
     n = len(program.targets_mmhg)
     watch = BootWatch(chambers=n, device_max_mmhg=120.0, clinic_ceiling_mmhg=100.0,
                       telemetry_period_s=period)
-    boot = BootModel(n, 120.0, rng=random.Random(seed))
-    boot.start(program, 0.0)
+    boot: BootModel | SlowestBoot
+    if slowest:
+        boot = SlowestBoot(program)
+    else:
+        boot = BootModel(n, 120.0, rng=random.Random(seed))
+        boot.start(program, 0.0)
     dog.start_session(watch, "s1", program, 0.0)
     acted: list[SafetyAction] = []
     t, seq = 0.0, 0
@@ -92,6 +134,7 @@ def test_a_program_rule_9_accepts_trips_no_rule_on_a_correct_boot(
         program: SessionProgram, period: float, seed: int) -> None:
     assume(not check_program(program, boot_limits(len(program.targets_mmhg)), LIMITS))
     assert run_session(program, period, seed) == []
+    assert run_session(program, period, seed, slowest=True) == []
 
 
 def test_rule_9_refuses_a_max_inflation_shorter_than_the_programs_own() -> None:
