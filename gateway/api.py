@@ -228,7 +228,6 @@ async def vent(gw: GatewayDep, clinic: str, device: str, body: VentRequest | Non
 
 @router.get("/commands/{cmd_id}", response_model=CommandView)
 def get_command(gw: GatewayDep, cmd_id: str) -> CommandView:
-    assert gw.commands is not None
     tracked = gw.commands.get(cmd_id)
     if tracked is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recent command {cmd_id}")
