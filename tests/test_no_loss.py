@@ -155,6 +155,7 @@ async def test_gateway_sigterm_mid_stream_loses_nothing(
         "BOOTGW_INFLUX__FLUSH_INTERVAL_S": "0.2",
         "BOOTGW_INFLUX__TIMEOUT_S": "1",
         "BOOTGW_INFLUX__SPOOL_DIR": str(tmp_path / "spool"),
+        "BOOTGW_SESSION_JOURNAL": str(tmp_path / "sessions.jsonl"),
         "BOOTGW_API__PORT": str(free_port()),
         "BOOTGW_LOG_LEVEL": "INFO",
     }
