@@ -20,21 +20,31 @@ class PointError(ValueError):
     """A point that cannot be encoded."""
 
 
+# Line protocol has no escape for a line break in a name or a tag value: a newline there would
+# end the point and start another (free text from outside could write rows into any
+# measurement). Every control character becomes U+FFFD there; in strings it is escaped.
+_CONTROL = {c: "\ufffd" for c in (*range(0x20), 0x7F)}
+_STR_CONTROL = {**{c: f"\\x{c:02x}" for c in _CONTROL}, ord("\n"): "\\n", ord("\r"): "\\r",
+                ord("\t"): "\\t"}
+
+
 # Keys, measurements and tag values repeat (a few names, one id per boot): escape each once.
 @functools.lru_cache(maxsize=65_536)
 def _escape_measurement(s: str) -> str:
-    return s.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ")
+    return s.translate(_CONTROL).replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ")
 
 
 @functools.lru_cache(maxsize=65_536)
 def _escape_key(s: str) -> str:
     return (
-        s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+        s.translate(_CONTROL).replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+        .replace(" ", "\\ ")
     )
 
 
 def _escape_str(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"')
+    return escaped.translate(_STR_CONTROL) if not escaped.isprintable() else escaped
 
 
 def _field(value: FieldValue) -> str:
