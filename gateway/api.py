@@ -10,6 +10,7 @@ import secrets
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -295,6 +296,14 @@ def create_app(gateway: Gateway) -> FastAPI:
     )
     app.state.gateway = gateway
     app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Where and why, without echoing the input: it may not even be JSON-serialisable
+        # (NaN, Infinity), and a 500 would hide the reason from the client.
+        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+        return JSONResponse({"detail": errors},
+                            status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
 
     @app.exception_handler(NotConnected)
     async def _no_broker(request: Request, exc: NotConnected) -> JSONResponse:

@@ -63,3 +63,21 @@ def test_commands_without_a_broker_answer_503() -> None:
         r = c.post("/api/v1/boots/c1/b1/stop")
         assert r.status_code == 503 and "not connected" in r.text
         assert gw.fleet.boots["c1/b1"].session is None
+
+
+def test_non_finite_numbers_in_a_body_are_a_clear_422_not_a_500() -> None:
+    """JSON's NaN/Infinity extensions parse, then fail validation: the answer names the field
+    and does not echo the input (which could not even be serialised back)."""
+    c = TestClient(create_app(Gateway(GatewaySettings())), raise_server_exceptions=False)
+    program = (b'{"custom": {"name": "x", "targets_mmhg": [NaN], "duration_s": 600, '
+               b'"timing": {"inflate_s": 1, "hold_s": 1, "deflate_s": 1, "pause_s": 1}}}')
+    for path, body in (("/api/v1/boots/c1/b1/session", program),
+                       ("/api/v1/alarms/a-1/ack", b'{"by": Infinity}'),
+                       ("/api/v1/boots/c1/b1/session", b'{"custom": {"duration_s": -Infinity}}')):
+        r = c.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert detail and all({"loc", "msg"} <= set(e) and "input" not in e for e in detail)
+    r = c.post("/api/v1/boots/c1/b1/session", content=program,
+               headers={"content-type": "application/json"})
+    assert r.json()["detail"][0]["loc"] == ["body", "custom", "targets_mmhg", 0]
