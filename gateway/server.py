@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.aio import cancel_and_wait
 from gateway.api import create_app
+from gateway.redact import redact
 from gateway.service import Gateway
 
 log = logging.getLogger("gateway")
@@ -26,7 +27,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event | None = None) -> None:
     api_task = asyncio.create_task(server.serve(), name="api")
     log.info("gateway starting", extra={
         "gateway_id": settings.gateway_id, "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",
-        "influx": settings.influx.url, "api": f"http://{settings.api.host}:{settings.api.port}"})
+        "influx": redact(settings.influx.url), "api": f"http://{settings.api.host}:{settings.api.port}"})
     waiters = [gw_task, api_task]
     if stop is not None:
         waiters.append(asyncio.create_task(stop.wait(), name="stop"))

@@ -49,6 +49,7 @@ from gateway.journal import OpenSession, SessionJournal
 from gateway.lineprotocol import FieldValue
 from gateway.mqtt_link import MqttLink, NotConnected, subscribe_options
 from gateway.programs import BootLimits, check_program
+from gateway.redact import redact
 from gateway.settings import GatewaySettings
 from gateway.storage import InfluxWriter
 from gateway.watchdog import CYCLE_PHASES, Outcome, Rule, VentConfirmed, Watchdog
@@ -181,7 +182,8 @@ class Gateway:
                 await self.writer.ensure_database()
                 return
             except Exception as exc:
-                log.warning("influxdb not ready", extra={"error": str(exc), "retry_in_s": delay})
+                log.warning("influxdb not ready", extra={"error": redact(str(exc)),
+                                                         "retry_in_s": delay})
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.lineprotocol import Point, PointError
+from gateway.redact import redact
 from gateway.settings import InfluxSettings
 from gateway.spool import DiskSpool
 
@@ -310,7 +311,7 @@ class InfluxWriter:
             resp = await self._client.post("/write", params=self._params,
                                            content=b"\n".join(lines))
         except httpx.HTTPError as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}", lines) from None
+            raise _Retry(f"{type(exc).__name__}: {redact(str(exc))}", lines) from None
         ms = (time.perf_counter() - t0) * 1000
         self.stats.last_write_ms = ms
         self.stats.max_write_ms = max(self.stats.max_write_ms, ms)
@@ -319,7 +320,7 @@ class InfluxWriter:
             self.stats.points_written += len(lines)
             self.stats.batches_written += 1
             if not self.stats.connected:
-                log.info("influxdb writes succeed", extra={"url": self.settings.url})
+                log.info("influxdb writes succeed", extra={"url": redact(self.settings.url)})
             self.stats.connected = True
             return
         if code in (400, 413):
