@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 
 from gateway.gc_tuning import tune_for_latency
 from gateway.logs import setup_logging
@@ -36,7 +37,10 @@ def main() -> None:
         finally:
             tuning.cancel()
 
-    asyncio.run(_run())
+    try:
+        asyncio.run(_run())
+    except Exception:  # logged by serve: the exit code tells the service manager
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ async def serve(gateway: Gateway, stop: asyncio.Event | None = None) -> None:
     server.should_exit = True
     results = await cancel_and_wait([t for t in waiters if t is not api_task])
     results.append((await asyncio.gather(api_task, return_exceptions=True))[0])
-    for r in results:
-        if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError):
-            log.error("gateway task failed", exc_info=r)
+    failures = [r for r in results
+                if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError)]
+    for r in failures:
+        log.error("gateway task failed", exc_info=r)
+    if failures:
+        raise failures[0]  # a refusal to start (spool in use, port taken) is not a clean stop

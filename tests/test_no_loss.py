@@ -287,3 +287,29 @@ async def test_start_while_the_broker_is_stalled_is_a_clean_503(
                 assert gw.gw.fleet.boots[f"{clinic}/b1"].session is None
     finally:
         broker.stop()
+
+
+async def test_a_second_gateway_on_the_same_spool_exits_non_zero(
+    mosquitto: LocalMosquitto, influx: LocalInflux, tmp_path: Path
+) -> None:
+    """The spool takes one process; a second one refused it must say so to its service
+    manager (exit code), not stop as if asked to."""
+    settings = gateway_settings(mosquitto, influx)
+    spool = settings.influx.spool_dir
+    assert spool is not None
+    async with running_gateway(settings, influx):
+        env = {**os.environ, "BOOTGW_CONFIG_FILE": str(tmp_path / "none.toml"),
+               "BOOTGW_MQTT__PORT": str(mosquitto.port), "BOOTGW_INFLUX__URL": influx.url,
+               "BOOTGW_INFLUX__SPOOL_DIR": str(spool),
+               "BOOTGW_SESSION_JOURNAL": str(tmp_path / "sessions.jsonl"),
+               "BOOTGW_API__PORT": str(free_port()), "BOOTGW_MQTT__CLIENT_ID": "gw-second"}
+        log = tmp_path / "second.log"
+        proc = _spawn(env, log)
+        try:
+            rc = await asyncio.to_thread(proc.wait, 30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert rc == 1, log.read_text()[-2000:]
+    assert "is in use by another process" in log.read_text()
