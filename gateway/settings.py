@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -173,6 +173,15 @@ class ApiSettings(BaseModel):
     token: SecretStr | None = Field(
         None, description="if set, every /api call needs 'Authorization: Bearer <token>'"
     )
+
+    @field_validator("token")
+    @classmethod
+    def _not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token would match a request without one: the API would be open while
+        # the configuration looks closed.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("api.token is empty: give a token, or leave it unset")
+        return token
 
 
 class GatewaySettings(BaseSettings):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from gateway.api import create_app
 from gateway.commands import CommandTracker
@@ -81,3 +82,13 @@ def test_non_finite_numbers_in_a_body_are_a_clear_422_not_a_500() -> None:
     r = c.post("/api/v1/boots/c1/b1/session", content=program,
                headers={"content-type": "application/json"})
     assert r.json()["detail"][0]["loc"] == ["body", "custom", "targets_mmhg", 0]
+
+
+def test_an_empty_token_is_a_configuration_error_not_an_open_api(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for blank in ("", "   "):
+        monkeypatch.setenv("BOOTGW_API__TOKEN", blank)
+        with pytest.raises(ValidationError, match=r"api\.token is empty"):
+            GatewaySettings()
+    monkeypatch.setenv("BOOTGW_API__TOKEN", "s3cret")
+    assert GatewaySettings().api.token is not None
