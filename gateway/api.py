@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from gateway.alarms import UnknownAlarm
+from gateway.api_guard import ApiGuard
 from gateway.commands import TrackedCommand
 from gateway.contract import Alarm, SessionProgram
 from gateway.fleet import Boot
@@ -296,6 +297,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     )
     app.state.gateway = gateway
     app.include_router(router)
+    api = gateway.settings.api
+    # Before FastAPI reads a byte of the body: the token, then the size (gateway/api_guard.py).
+    app.add_middleware(ApiGuard, max_body_bytes=api.max_body_bytes, token=lambda: (
+        api.token.get_secret_value() if api.token is not None else None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

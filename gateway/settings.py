@@ -173,6 +173,10 @@ class ApiSettings(BaseModel):
     token: SecretStr | None = Field(
         None, description="if set, every /api call needs 'Authorization: Bearer <token>'"
     )
+    max_body_bytes: int = Field(
+        65_536, ge=1024, le=16 << 20, description="a request body larger than this is refused "
+        "(413) before it is read further; an unauthenticated body is never read at all",
+    )
 
     @field_validator("token")
     @classmethod

@@ -92,3 +92,24 @@ def test_an_empty_token_is_a_configuration_error_not_an_open_api(
             GatewaySettings()
     monkeypatch.setenv("BOOTGW_API__TOKEN", "s3cret")
     assert GatewaySettings().api.token is not None
+
+
+def test_the_token_is_checked_and_the_size_bounded_before_the_body_is_read() -> None:
+    c = TestClient(create_app(Gateway(GatewaySettings(
+        api=ApiSettings(token=SecretStr("s3cret"), max_body_bytes=4096)))))
+    big = b'{"by": "' + b"x" * 100_000 + b'"}'
+    r = c.post("/api/v1/alarms/a-1/ack", content=big,
+               headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    auth = {"Authorization": "Bearer s3cret", "content-type": "application/json"}
+    r = c.post("/api/v1/alarms/a-1/ack", content=big, headers=auth)
+    assert r.status_code == 413 and "4096 bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: refused once the bytes pass the limit
+        for _ in range(100):
+            yield b"x" * 1000
+    r = c.post("/api/v1/alarms/a-1/ack", content=chunks(), headers=auth)
+    assert r.status_code == 413
+    r = c.post("/api/v1/alarms/a-1/ack", json={"by": "nurse"}, headers=auth)
+    assert r.status_code == 404  # a body within the limit reaches the route
+    assert c.get("/health").status_code == 200  # no token needed outside /api/
