@@ -96,7 +96,13 @@ class Server:
         self.proc.send_signal(signal.SIGCONT)
 
 
+@dataclass
 class LocalMosquitto(Server):
+    # Tests of a locked-down broker: anonymous clients refused, and config lines of their own
+    # (a TLS listener, the dynamic-security plugin) appended to the generated file.
+    allow_anonymous: bool = True
+    extra_conf: str = ""
+
     def start(self, timeout: float = 10.0) -> LocalMosquitto:
         binary = find_binary("mosquitto")
         if binary is None:
@@ -105,7 +111,7 @@ class LocalMosquitto(Server):
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             # As root mosquitto drops to user 'mosquitto', which cannot write its database
@@ -116,6 +122,7 @@ class LocalMosquitto(Server):
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\n"
+            + self.extra_conf
         )
         self.logfile = self.workdir / "mosquitto.log"
         with self.logfile.open("ab") as out:
