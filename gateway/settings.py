@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,22 @@ from gateway.contract import SENSOR_MAX_MMHG, SENSOR_MIN_MMHG
 
 ENV_PREFIX = "BOOTGW_"
 CONFIG_FILE_ENV = "BOOTGW_CONFIG_FILE"
+# `.env.example` and the docs write every secret as `change-me-...`: a stack started from the
+# example unchanged must not run with credentials that are public.
+PLACEHOLDER_PREFIX = "change-me"
+
+
+def placeholder_secrets(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the secrets in `model` (recursively) still holding a placeholder."""
+    found: list[str] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            if value.get_secret_value().strip().lower().startswith(PLACEHOLDER_PREFIX):
+                found.append(prefix + name)
+        elif isinstance(value, BaseModel):
+            found.extend(placeholder_secrets(value, f"{prefix}{name}."))
+    return found
 
 
 class MqttSettings(BaseModel):
@@ -226,6 +242,13 @@ class GatewaySettings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> GatewaySettings:
+        if names := placeholder_secrets(self):
+            raise ValueError(f"{', '.join(names)}: still the placeholder from .env.example "
+                             "or the docs; set a real secret")
+        return self
 
     @classmethod
     def settings_customise_sources(
