@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,9 @@ class Stack:
     mq: LocalMosquitto
     influx: LocalInflux
     gw: subprocess.Popen[bytes]
-    api: httpx.AsyncClient
+    api: httpx.AsyncClient  # sends the ops token
     database: str
+    token: str  # the gateway's api.token (BOOTGW_API__TOKEN)
 
     async def stats(self) -> dict[str, object]:
         return (await self.api.get("/api/v1/stats")).json()
@@ -62,6 +64,8 @@ async def stack(prefix: str, **gateway_env: str) -> AsyncIterator[Stack]:
     mq = LocalMosquitto("mosquitto", work / "mosquitto", free_port()).start()
     influx = LocalInflux("influxd", work / "influxdb", free_port()).start()
     api_port = free_port()
+    # The API is closed: the simple setup, one ops token (the caller's, if it gives one).
+    token = gateway_env.get("api__token") or secrets.token_urlsafe(32)
     env = {
         **os.environ,
         "BOOTGW_MQTT__PORT": str(mq.port),
@@ -70,13 +74,15 @@ async def stack(prefix: str, **gateway_env: str) -> AsyncIterator[Stack]:
         "BOOTGW_INFLUX__SPOOL_DIR": str(work / "spool"),
         "BOOTGW_SESSION_JOURNAL": str(work / "sessions.jsonl"),
         "BOOTGW_API__PORT": str(api_port),
+        "BOOTGW_API__TOKEN": token,
         "BOOTGW_LOG_LEVEL": "WARNING",
         "BOOTGW_CONFIG_FILE": str(work / "none.toml"),
         **{f"BOOTGW_{k.upper()}": v for k, v in gateway_env.items()},
     }
     gw = start_gateway(env, work / "gateway.log")
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as api:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30,
+                                     headers={"Authorization": f"Bearer {token}"}) as api:
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -87,7 +93,7 @@ async def stack(prefix: str, **gateway_env: str) -> AsyncIterator[Stack]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"gateway did not come up; see {work}")
                 await asyncio.sleep(0.2)
-            yield Stack(work, mq, influx, gw, api, "bench")
+            yield Stack(work, mq, influx, gw, api, "bench", token)
     finally:
         if gw.poll() is None:
             gw.terminate()

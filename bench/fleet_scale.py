@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
         data = yaml.safe_load(args.scenario.read_text())
         data["broker"]["port"] = st.mq.port
         data["gateway_url"] = str(st.api.base_url).rstrip("/")
+        os.environ["BENCH_API_TOKEN"] = st.token  # the simulator's processes read it
+        data["api_token_env"] = "BENCH_API_TOKEN"
         data["influx"] = {"url": st.influx.url, "database": st.database}
         if args.duration_s:
             data["duration_s"] = args.duration_s

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 
 from device_sim import runner
 from device_sim.demo import DemoOptions, run_demo
 from device_sim.fleet import SimFleet
 from device_sim.scenario import ScenarioError, load_scenario
 from device_sim.worker import run_worker
+from gateway.boot_credentials import BootCredentials, CredentialsError, load_credentials
 from gateway.logs import setup_logging
 from gateway.programs import CATALOGUE
 from gateway.settings import MqttSettings
@@ -43,12 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--influx-url", help="use this InfluxDB instead of starting one")
 
     r = sub.add_parser("run", help="run simulated boots against a broker and gateway")
-    r.add_argument("--boots", type=int, default=10)
+    r.add_argument("--boots", type=int, help="default 10, or every boot in --credentials")
     r.add_argument("--clinics", type=int, default=2)
     r.add_argument("--clinic-prefix", default="clinic-",
                    help="clinic ids are PREFIX1..PREFIXn; one prefix per simulator process")
     r.add_argument("--mqtt-host", default="127.0.0.1")
-    r.add_argument("--mqtt-port", type=int, default=1883)
+    r.add_argument("--mqtt-port", type=int, help="default 1883, 8883 with TLS")
+    _add_mqtt_tls_arguments(r)
+    a = r.add_argument_group("broker accounts", "per-boot accounts of a broker with the "
+                             "dynamic-security plugin (docs/deploy.md §2.2), or one shared one")
+    a.add_argument("--credentials", type=Path, metavar="FILE", help="per-boot credentials "
+                   "(JSON/TOML, written by `boot-gateway boots add --credentials-out`); "
+                   "without --boots the fleet is the boots listed there")
+    a.add_argument("--mqtt-username", help="one account for every boot without an entry in "
+                   "--credentials (a broker without per-boot accounts)")
+    a.add_argument("--mqtt-password-file", type=Path, metavar="FILE",
+                   help="the password of --mqtt-username")
     r.add_argument("--telemetry-hz", type=float, default=2.0)
     r.add_argument("--gateway-url", help="start sessions through this gateway's HTTP API")
     r.add_argument("--program", choices=sorted(CATALOGUE), default="post_workout_recovery")
@@ -69,10 +81,66 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run_fleet(args: argparse.Namespace) -> int:
-    mqtt = MqttSettings(host=args.mqtt_host, port=args.mqtt_port)
-    fleet = SimFleet.make(args.boots, args.clinics, mqtt, clinic_prefix=args.clinic_prefix,
-                          telemetry_period_s=1.0 / args.telemetry_hz)
+def _add_mqtt_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """The boots' TLS options: the same MqttSettings fields the gateway has (README)."""
+    g = p.add_argument_group("MQTT over TLS", "plain TCP is refused to a broker off loopback "
+                             "unless --mqtt-allow-plaintext")
+    g.add_argument("--mqtt-tls", action="store_true",
+                   help="TLS 1.2+, the broker's certificate verified (implied by the next three)")
+    g.add_argument("--mqtt-ca", type=Path, metavar="PEM",
+                   help="CA the broker's certificate must chain to (default: system store)")
+    g.add_argument("--mqtt-cert", type=Path, metavar="PEM",
+                   help="client certificate for mutual TLS (with --mqtt-key)")
+    g.add_argument("--mqtt-key", type=Path, metavar="PEM", help="the client certificate's key")
+    g.add_argument("--mqtt-insecure-skip-hostname-check", action="store_true",
+                   help="accept any certificate from the CA, whatever host it names (warned)")
+    g.add_argument("--mqtt-allow-plaintext", action="store_true",
+                   help="allow plain TCP to a broker off loopback (trusted networks only)")
+
+
+def _mqtt_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> MqttSettings:
+    """MqttSettings from the command line; a refused combination exits 2 with the reason."""
+    tls = bool(args.mqtt_tls or args.mqtt_ca or args.mqtt_cert or args.mqtt_key)
+    fields: dict[str, object] = {
+        "host": args.mqtt_host, "tls": tls, "ca_file": args.mqtt_ca,
+        "cert_file": args.mqtt_cert, "key_file": args.mqtt_key,
+        "tls_check_hostname": not args.mqtt_insecure_skip_hostname_check,
+        "allow_plaintext": args.mqtt_allow_plaintext,
+        "username": args.mqtt_username, "password_file": args.mqtt_password_file,
+    }
+    if args.mqtt_port is not None:
+        fields["port"] = args.mqtt_port
+    try:
+        return MqttSettings.model_validate(fields)
+    except ValidationError as exc:
+        p.error("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+
+
+def _fleet(p: argparse.ArgumentParser, args: argparse.Namespace, mqtt: MqttSettings
+           ) -> SimFleet:
+    """The boots to run; with --credentials each one listed there connects as itself."""
+    creds: dict[str, BootCredentials] = {}
+    if args.credentials is not None:
+        try:
+            creds = load_credentials(args.credentials)
+        except CredentialsError as exc:
+            p.error(str(exc))
+        if not creds:
+            p.error(f"{args.credentials}: no boots in it")
+    period = 1.0 / args.telemetry_hz
+    if creds and args.boots is None:
+        members = sorted((k.split("/", 1)[0], k.split("/", 1)[1]) for k in creds)
+        return SimFleet(members, mqtt, credentials=creds, telemetry_period_s=period)
+    fleet = SimFleet.make(args.boots or 10, args.clinics, mqtt, credentials=creds,
+                          clinic_prefix=args.clinic_prefix, telemetry_period_s=period)
+    missing = [k for k in fleet.boots if k not in creds]
+    if creds and missing and mqtt.username is None:
+        p.error(f"{len(missing)} boot(s) have no entry in {args.credentials} (e.g. "
+                f"{missing[:3]}) and no --mqtt-username is given")
+    return fleet
+
+
+async def _run_fleet(args: argparse.Namespace, fleet: SimFleet) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,7 +176,8 @@ async def _run_fleet(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         opts = DemoOptions(
             boots=args.boots, clinics=args.clinics, seconds=args.seconds,
@@ -121,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         setup_logging("WARNING", "text")
         sys.exit(asyncio.run(run_worker(args.path, args.shard, args.shards)))
+    mqtt = _mqtt_settings(parser, args)
     setup_logging("INFO", "text")
-    sys.exit(asyncio.run(_run_fleet(args)))
+    fleet = _fleet(parser, args, mqtt)
+    sys.exit(asyncio.run(_run_fleet(args, fleet)))
 
 
 def _scenario(args: argparse.Namespace) -> int:

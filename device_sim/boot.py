@@ -51,6 +51,7 @@ from gateway.contract import (
     topic,
 )
 from gateway.mqtt_link import NO_DELAY, without_topic_callbacks
+from gateway.mqtt_tls import client_security
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -144,17 +145,27 @@ class SimBoot:
         clock: Callable[[], float] = time.time,
         heartbeat_timeout_s: float | None = None,
         self_vent: bool = True,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         """self_vent: in a session, vent when no live gateway heartbeat arrived for
         `heartbeat_timeout_s` (None: derived from the last heartbeat's interval_s, protocol
         §7.2) or when the MQTT connection drops. On by default, as firmware must; switch it off
-        for tests that run sessions without a gateway."""
+        for tests that run sessions without a gateway.
+
+        client_id, username, password: the boot's own broker account (`boot-gateway boots
+        add`), which binds the client id to the username: give the one it was provisioned
+        with. Defaults: client id `sim-{clinic}-{device}`; with a password and no username the
+        username is the device id (protocol §3.2); with neither, `mqtt`'s username/password."""
         if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
             raise ValueError("heartbeat_timeout_s must be positive")
         self.clinic = clinic
         self.device = device
         self.key = f"{clinic}/{device}"
-        self.client_id = f"sim-{clinic}-{device}"
+        self.client_id = client_id or f"sim-{clinic}-{device}"
+        self.username = username if username is not None or password is None else device
+        self._password = password  # never logged
         self.mqtt = mqtt
         self.chambers = chambers
         self.max_pressure_mmhg = max_pressure_mmhg
@@ -556,11 +567,17 @@ class SimBoot:
 
     def _make_client(self) -> aiomqtt.Client:
         m = self.mqtt
+        try:
+            # One TLS context per configuration and process, shared by the fleet's boots.
+            security = client_security(m, shared=True)
+        except (OSError, ValueError) as exc:  # e.g. password file gone: retried like a refusal
+            raise aiomqtt.MqttError(f"mqtt TLS or password file unusable: {exc}") from None
+        if self.username is not None:  # the boot's own account instead of the shared one
+            security = {**security, "username": self.username, "password": self._password}
         return without_topic_callbacks(aiomqtt.Client(
             m.host,
             m.port,
-            username=m.username,
-            password=m.password.get_secret_value() if m.password else None,
+            **security,  # username, password, tls_context (gateway/mqtt_tls.py)
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             will=aiomqtt.Will(

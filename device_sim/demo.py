@@ -3,6 +3,10 @@
 Everything runs on this machine: the servers in their own data dirs and ports (or ones given
 by settings), the gateway in this process with its HTTP API, and the boots as real MQTT
 clients. Sessions are started through the HTTP API, as a clinic app would.
+
+The API is closed, as in production: the demo makes a fresh token for an `ops` user named
+`demo` (the gateway holds only its SHA-256), prints it so that the API can be tried while the
+demo runs, and calls the API with it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import httpx
 
 from device_sim.fleet import SimFleet
 from device_sim.local_stack import LocalInflux, LocalMosquitto, count, free_port
+from gateway.api_users import ApiUser, Role, hash_token, new_token
 from gateway.logs import setup_logging
 from gateway.server import serve
 from gateway.service import Gateway
@@ -80,10 +85,12 @@ async def run_demo(opts: DemoOptions, out: TextIO) -> int:
 async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: LocalInflux,
                out: TextIO, log_path: Path, t_start: float) -> int:
     db = "boots"
+    token = new_token()
     settings = GatewaySettings(
         mqtt=mqtt.model_copy(update={"client_id": "boot-gateway-demo"}),
         influx=InfluxSettings(url=influx_url, database=db, spool_dir=log_path.parent / "spool"),
-        api=ApiSettings(port=free_port()),
+        api=ApiSettings(port=free_port(), users=[
+            ApiUser(name="demo", role=Role.OPS, token_sha256=hash_token(token))]),
         session_journal=log_path.parent / "sessions.jsonl",
     )
     gateway = Gateway(settings)
@@ -91,13 +98,16 @@ async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: L
     gw_task = asyncio.create_task(serve(gateway, stop))
     api_url = f"http://127.0.0.1:{settings.api.port}"
     _line(out, f"gateway  {api_url}/docs  (log: {log_path})")
+    _line(out, f"api      user 'demo' (ops), while the demo runs: curl -H 'Authorization: "
+          f"Bearer {token}' {api_url}/api/v1/boots")
     fleet = SimFleet.make(opts.boots, opts.clinics, mqtt,
                           telemetry_period_s=1.0 / opts.telemetry_hz, seed=42)
     keys = list(fleet.boots)
     stuck_key = keys[opts.stuck_boot - 1] if 0 < opts.stuck_boot <= len(keys) else None
     try:
         await asyncio.wait_for(gateway.ready.wait(), 30)
-        async with fleet, httpx.AsyncClient(base_url=api_url, timeout=15) as api:
+        async with fleet, httpx.AsyncClient(base_url=api_url, timeout=15, headers={
+                "Authorization": f"Bearer {token}"}) as api:
             await _wait_api(api)
             deadline = time.monotonic() + 15
             while not all(k in gateway.fleet.boots for k in keys):
@@ -175,6 +185,14 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
                 when = time.strftime("%H:%M:%S", time.localtime(row[0] / 1000))
                 _line(out, f"  {when} {row[1]:<10} {row[2]:<14} {row[6]}")
         if not series:
+            _line(out, "  none")
+        audit = influx.query(db, "SELECT count(detail) FROM audit GROUP BY actor, action, result")
+        _line(out, "\nAudit trail in InfluxDB (who did what through the API)")
+        for s in audit:
+            tags = s["tags"]
+            _line(out, f"  {tags['actor']:<10} {tags['action']:<14} {tags['result']:<8} "
+                  f"{s['values'][0][1]:>3}")
+        if not audit:
             _line(out, "  none")
     st = gateway.stats
     w = gateway.writer.stats

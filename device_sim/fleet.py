@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import resource
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 from device_sim.boot import SimBoot
 from gateway.aio import cancel_and_wait
+from gateway.boot_credentials import BootCredentials
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,24 @@ class SimFleet:
         mqtt: MqttSettings,
         *,
         connect_timeout_s: float | None = None,
+        credentials: Mapping[str, BootCredentials] | None = None,
         **boot_kwargs: Any,
     ) -> None:
-        """boot_kwargs go to every SimBoot; an int `seed` becomes seed + index per boot."""
+        """boot_kwargs go to every SimBoot; an int `seed` becomes seed + index per boot.
+        credentials: per-boot broker accounts by "clinic/device" (gateway/boot_credentials.py);
+        a boot without an entry uses `mqtt`'s username and password."""
         seed = boot_kwargs.pop("seed", None)
         self.mqtt = mqtt
         self.boots: dict[str, SimBoot] = {}
+        credentials = credentials or {}
         for index, (clinic, device) in enumerate(members):
+            own = credentials.get(f"{clinic}/{device}")
+            account = {} if own is None else {
+                "username": own.username, "password": own.password, "client_id": own.client_id}
             boot = SimBoot(
                 clinic, device, mqtt,
                 seed=None if seed is None else seed + index,
-                **boot_kwargs,
+                **boot_kwargs, **account,
             )
             if boot.key in self.boots:
                 raise ValueError(f"duplicate boot {boot.key}")

@@ -33,7 +33,7 @@ import random
 import re
 import string
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -55,6 +55,7 @@ from device_sim.faults import (
     expectation,
     nominal_detect_s,
 )
+from gateway.boot_credentials import CredentialsError, load_credentials
 from gateway.contract import ID_PATTERN, MAX_CHAMBERS
 from gateway.programs import CATALOGUE, BootLimits, check_program
 from gateway.settings import ProgramLimits, WatchdogSettings
@@ -75,6 +76,9 @@ BOOTS_PER_PROCESS = 500
 MAX_PLANNED_FAULTS = 100_000
 # Random boots tried for a fault before scanning the whole pool for a free one.
 _PROBES = 8
+# Deeper nesting than this is no scenario (they nest four levels) but a stack overflow in the
+# parsers (PyYAML's composer and tomllib recurse per level): refused first, with its line.
+MAX_NESTING = 50
 
 Loc = tuple[str | int, ...]
 
@@ -135,6 +139,10 @@ class BrokerConfig(_Strict):
         "(never the password itself: scenario files get committed)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive; the broker "
                              "detects a dead boot after 1.5 times this")
+    credentials_file: Path | None = Field(
+        None, description="per-boot broker accounts (JSON/TOML, `boot-gateway boots add "
+        "--credentials-out`), relative to the scenario file; a boot listed there connects "
+        "with its own username, password and client id, the others with username/password_env")
 
     @field_validator("username")
     @classmethod
@@ -543,7 +551,18 @@ def load_scenario(path: Path) -> Scenario:
     if not isinstance(data, dict):
         raise ScenarioError([Problem((), "the file must hold a mapping of fields", 1)], path)
     try:
-        return Scenario.model_validate(data)
+        sc = Scenario.model_validate(data)
+        creds = sc.broker.credentials_file
+        if creds is not None and not creds.is_absolute():  # as the file's author sees it
+            broker = sc.broker.model_copy(update={"credentials_file": path.parent / creds})
+            sc = sc.model_copy(update={"broker": broker})
+        if sc.broker.credentials_file is not None:
+            try:  # an unusable file stops the run here, not in every worker
+                load_credentials(sc.broker.credentials_file)
+            except CredentialsError as exc:
+                raise ScenarioError([Problem(("broker", "credentials_file"), str(exc))]
+                                    ) from None
+        return sc
     except ValidationError as exc:
         problems = _from_validation(exc)
     except ScenarioError as exc:
@@ -580,15 +599,21 @@ def _normalise(loc: Sequence[str | int]) -> Loc:
 
 def _parse_yaml(text: str, path: Path) -> tuple[Any, Any]:
     try:
+        deep = _yaml_too_deep(text)
+        if deep is not None:
+            raise ScenarioError([Problem((), f"nested more than {MAX_NESTING} levels deep",
+                                         deep)], path)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
+        if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses: no mark
+            line = text.count("\n", 0, exc.position) + 1
         problem = getattr(exc, "problem", None) or str(exc)
         raise ScenarioError([Problem((), f"YAML syntax: {problem}", line)], path) from None
     if root is not None:
-        dupes = list(_yaml_duplicates(root, ()))
+        dupes = _yaml_duplicates(root)
         if dupes:
             raise ScenarioError(dupes, path)
 
@@ -598,19 +623,50 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, Any]:
     return data, line_of
 
 
-def _yaml_duplicates(node: yaml.Node, loc: Loc) -> Iterable[Problem]:
-    """PyYAML keeps the last of two equal keys silently; a scenario must not."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            if name in seen:
-                yield Problem((*loc, name), "duplicate key", key.start_mark.line + 1)
-            seen.add(name)
-            yield from _yaml_duplicates(value, (*loc, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _yaml_duplicates(item, (*loc, i))
+def _yaml_too_deep(text: str) -> int | None:
+    """The line where the nesting first exceeds MAX_NESTING, from the (iterative) scanner."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _YAML_OPEN):
+            depth += 1
+            if depth > MAX_NESTING:
+                return int(token.start_mark.line) + 1
+        elif isinstance(token, _YAML_CLOSE):
+            depth -= 1
+    return None
+
+
+_YAML_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
+              yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
+_YAML_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _yaml_duplicates(root: yaml.Node) -> list[Problem]:
+    """PyYAML keeps the last of two equal keys silently; a scenario must not.
+
+    Each node is looked at once: an alias is the node it names, so nine aliases of nine
+    aliases would otherwise be walked 9**9 times, and an alias inside its own anchor forever.
+    """
+    problems: list[Problem] = []
+    seen_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, Loc]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                name = str(key.value)
+                if name in keys:
+                    problems.append(Problem((*loc, name), "duplicate key",
+                                            key.start_mark.line + 1))
+                keys.add(name)
+                stack.append((value, (*loc, name)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*loc, i)) for i, item in enumerate(node.value))
+    return sorted(problems, key=lambda p: p.line or 0)
 
 
 def _yaml_line(node: yaml.Node, loc: Loc) -> int:
@@ -638,17 +694,32 @@ def _parse_toml(text: str, path: Path) -> tuple[Any, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
-        raise ScenarioError([Problem((), f"TOML syntax: {exc}", int(m[1]) if m else None)],
-                            path) from None
+        line = int(m[1]) if m else len(text.splitlines()) or 1  # "at end of document"
+        raise ScenarioError([Problem((), f"TOML syntax: {exc}", line)], path) from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ScenarioError([Problem((), f"nested more than {MAX_NESTING} levels deep",
+                                     _toml_too_deep(text))], path) from None
     index = _toml_index(text)
 
     def line_of(loc: Loc) -> int | None:
         for n in range(len(loc), 0, -1):
             if loc[:n] in index:
                 return index[loc[:n]]
-        return None
+        return 1  # nothing of it in the file: the top level, which starts at line 1
 
     return data, line_of
+
+
+def _toml_too_deep(text: str) -> int | None:
+    """The line where brackets first nest more than MAX_NESTING deep (strings not skipped:
+    only called once tomllib has overflowed, to say where)."""
+    depth = 0
+    for n, line in enumerate(text.splitlines(), start=1):
+        for c in line:
+            depth += (c in "[{") - (c in "]}")
+            if depth > MAX_NESTING:
+                return n
+    return None
 
 
 _TOML_ARRAY = re.compile(r"^\[\[\s*([^\]]+?)\s*\]\]")

@@ -31,6 +31,7 @@ from device_sim.boot import SimBoot
 from device_sim.faults import FaultNotApplied, PlannedFault, clear, inject
 from device_sim.scenario import Scenario, load_scenario
 from gateway.aio import cancel_and_wait
+from gateway.boot_credentials import load_credentials
 from gateway.settings import MqttSettings
 
 log = logging.getLogger("device_sim.worker")
@@ -76,17 +77,22 @@ class Shard:
     def build(self) -> None:
         sc = self.scenario
         ids = sc.boot_ids()
+        creds = ({} if sc.broker.credentials_file is None
+                 else load_credentials(sc.broker.credentials_file))
         for i in range(self.index, len(ids), self.count):
             clinic, device = ids[i]
             mqtt = MqttSettings(host=sc.broker.host, port=sc.broker.port,
                                 keepalive_s=sc.broker.keepalive_s,
                                 username=sc.broker.username_for(clinic, device),
                                 password=sc.broker.password())
+            own = creds.get(f"{clinic}/{device}")
+            account = {} if own is None else {
+                "username": own.username, "password": own.password, "client_id": own.client_id}
             self.boots[i] = SimBoot(
                 clinic, device, mqtt, chambers=sc.fleet.chambers,
                 max_pressure_mmhg=sc.fleet.max_pressure_mmhg,
                 telemetry_period_s=sc.fleet.telemetry_period_s,
-                telemetry_qos=sc.fleet.telemetry_qos, seed=sc.seed * 100_003 + i)
+                telemetry_qos=sc.fleet.telemetry_qos, seed=sc.seed * 100_003 + i, **account)
 
     async def connect(self) -> None:
         """Start every boot, paced to the scenario's connect rate shared by all shards."""

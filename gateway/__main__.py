@@ -1,4 +1,5 @@
-"""`python -m gateway`: the gateway service with its HTTP API, until SIGINT/SIGTERM."""
+"""`python -m gateway` / `boot-gateway`: the gateway service with its HTTP API, until
+SIGINT/SIGTERM; with arguments, the provisioning commands (USAGE)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,36 @@ async def _tune_when_ready(gateway: Gateway) -> None:
     tune_for_latency(gateway.gc_pauses)
 
 
-def main() -> None:
+USAGE = """usage: boot-gateway                 run the gateway service (until SIGINT/SIGTERM)
+       boot-gateway boots add|remove|list ...   boots' broker accounts (docs/deploy.md §2.2)
+       boot-gateway broker init FILE ...        the broker's dynamic-security file
+       boot-gateway users new|hash ...          HTTP API users
+"""
+
+
+def _subcommand(args: list[str]) -> int:
+    """The provisioning commands; imported only when asked for, so the service starts no
+    slower for them."""
+    if args[0] in ("boots", "broker"):
+        from gateway.provision import cli as provision_cli
+
+        return provision_cli(args)
+    if args[0] == "users":
+        from gateway.api_users import cli as users_cli
+
+        return users_cli(args[1:])
+    if args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0
+    sys.stderr.write(f"unknown command {args[0]!r}\n{USAGE}")
+    return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """No arguments: the service. With arguments: one of the commands in USAGE."""
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        sys.exit(_subcommand(args))
     settings = GatewaySettings()
     setup_logging(settings.log_level, settings.log_format)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from gateway.commands import new_id
-from gateway.contract import Alarm, AlarmState
+from gateway.contract import RESERVED_CLINIC, Alarm, AlarmState, Severity
 from gateway.watchdog import Rule, SafetyAction
 
 # Causes that end when a vent is confirmed (the boot is deflated and safe).
@@ -17,6 +17,9 @@ VENT_RESOLVED = frozenset({
     Rule.HARD_CEILING, Rule.OVER_TARGET, Rule.SUSTAINED_INFLATION, Rule.SESSION_OVERRUN,
     Rule.TELEMETRY_LOSS, Rule.IMPLAUSIBLE_DATA, Rule.VENT_NOT_CONFIRMED,
 })
+
+# The gateway's own alarms (not a boot's): clinic `_gateway`, device = the gateway's id.
+STORAGE_FAULT = "storage_fault"  # the disk spool cannot be written (full, read-only, I/O)
 
 
 class UnknownAlarm(LookupError):
@@ -40,6 +43,31 @@ class AlarmBook:
         self._trim()
         return alarm
 
+    def raise_gateway_alarm(self, gateway_id: str, rule: str, severity: Severity, detail: str,
+                            now: float) -> Alarm:
+        """An alarm about the gateway itself, listed and latched like a boot's.
+
+        Its clinic is `_gateway` (never a clinic id, gateway/contract.py) and its device the
+        gateway's id, so it has a topic of its own and a clinic filter never hides it wrongly.
+        """
+        alarm = Alarm(
+            alarm_id=new_id("a"), clinic=RESERVED_CLINIC, device=gateway_id, rule=rule,
+            severity=severity, state=AlarmState.ACTIVE, detail=detail[:500], raised_at=now,
+            updated_at=now,
+        )
+        self._alarms[alarm.alarm_id] = alarm
+        self._trim()
+        return alarm
+
+    def resolve_alarm(self, alarm_id: str, now: float) -> Alarm | None:
+        """The cause of one alarm is over; the alarm if it changed (it may be trimmed)."""
+        alarm = self._alarms.get(alarm_id)
+        if alarm is None or alarm.resolved:
+            return None
+        state = AlarmState.CLEARED if alarm.state is AlarmState.ACKNOWLEDGED else alarm.state
+        return self._put(alarm.model_copy(update={"resolved": True, "state": state,
+                                                  "updated_at": now}))
+
     def acknowledge(self, alarm_id: str, by: str, now: float) -> Alarm:
         alarm = self._alarms.get(alarm_id)
         if alarm is None:
@@ -57,7 +85,7 @@ class AlarmBook:
         for alarm in list(self._alarms.values()):
             if (alarm.clinic, alarm.device) != (clinic, device) or alarm.resolved:
                 continue
-            if Rule(alarm.rule) not in rules:
+            if alarm.rule not in rules:  # a str: a gateway alarm's rule is no watchdog Rule
                 continue
             state = (AlarmState.CLEARED if alarm.state is AlarmState.ACKNOWLEDGED
                      else alarm.state)

@@ -1,23 +1,30 @@
 """HTTP control API for clinic apps and the front desk (OpenAPI at /openapi.json, docs at /docs).
 
-A thin adapter: every route calls one method of `Gateway`. Routes live on `router` behind the
-`authorize` dependency, so access control and new routes are added without touching these.
+A thin adapter: every route calls one method of `Gateway`. Who may call which route is decided
+before FastAPI sees the request, by the gate (gateway/api_guard.py) from the one route table
+(gateway/api_users.py::ROUTES); the routes get the caller from it (`CallerDep`) and write the
+audit trail (gateway/audit.py) for every start, stop, vent and alarm acknowledgement.
 """
 
 from __future__ import annotations
 
-import secrets
-from typing import Annotated, Literal
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from gateway.alarms import UnknownAlarm
-from gateway.api_guard import ApiGuard
-from gateway.commands import TrackedCommand
+from gateway.api_guard import PRINCIPAL_KEY, ApiCounters, ApiGuard
+from gateway.api_users import Authenticator, Principal, Role, RouteRule, RouteTable
+from gateway.audit import AuditAction, AuditEvent, AuditResult
+from gateway.commands import CommandOutcome, TrackedCommand
 from gateway.contract import Alarm, SessionProgram
 from gateway.fleet import Boot
 from gateway.mqtt_link import NotConnected
@@ -25,7 +32,11 @@ from gateway.programs import CATALOGUE
 from gateway.service import Gateway, UnknownBoot
 from gateway.settings import Intensity
 
-_bearer = HTTPBearer(auto_error=False)
+log = logging.getLogger("gateway.api")
+
+# In the OpenAPI document only (the security scheme a client sees); the gate checks the token.
+_bearer = HTTPBearer(auto_error=False, description="a user's token (`boot-gateway users new`) "
+                     "or api.token")
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -35,19 +46,88 @@ def get_gateway(request: Request) -> Gateway:
 def authorize(
     request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """With `api.token` set, every API call must carry it as a bearer token."""
-    token = get_gateway(request).settings.api.token
-    if token is None:
-        return
-    given = creds.credentials if creds else ""
-    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+) -> Principal:
+    """The caller the gate established. Without one the gate was bypassed: refuse."""
+    principal = getattr(request.state, PRINCIPAL_KEY, None)
+    if not isinstance(principal, Principal):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+class ErrorDetail(BaseModel):
+    detail: str
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
+CallerDep = Annotated[Principal, Depends(authorize)]
+_GUARDED = {401: {"model": ErrorDetail, "description": "missing or wrong bearer token "
+                  "(the body is not read)"},
+            403: {"model": ErrorDetail, "description": "the user's role may not call this "
+                  "route (the body is not read); docs/deploy.md lists the roles"},
+            413: {"model": ErrorDetail, "description": "body larger than api.max_body_bytes"}}
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=_GUARDED)
+
+
+def _boot_tags(gw: Gateway, clinic: str | None, device: str | None
+               ) -> tuple[str | None, str | None, str]:
+    """The audit record's clinic and device tags: only for a boot the gateway knows, so that
+    a caller naming boots at will makes no new series; otherwise the names go to `detail`."""
+    if clinic is None or device is None:
+        return None, None, ""
+    if gw.fleet.get(clinic, device) is not None:
+        return clinic, device, ""
+    return None, None, f"unknown boot {clinic[:64]!r}/{device[:64]!r}: "
+
+
+@dataclass
+class _Audit:
+    """What one audited call did, filled in by the route; recorded however the call ends."""
+
+    result: AuditResult = AuditResult.DONE
+    detail: str = ""
+    clinic: str | None = None
+    device: str | None = None
+    ids: dict[str, str] = field(default_factory=dict)
+
+
+def _reason_text(detail: Any) -> str:
+    if isinstance(detail, dict):
+        reasons = detail.get("reasons") or []
+        return "; ".join([str(detail.get("detail", "")), *map(str, reasons)])
+    return str(detail)
+
+
+@contextlib.contextmanager
+def _audited(gw: Gateway, caller: Principal, action: AuditAction, clinic: str | None = None,
+             device: str | None = None) -> Iterator[_Audit]:
+    record = _Audit(clinic=clinic, device=device)
+    try:
+        yield record
+    except HTTPException as exc:
+        record.result = (AuditResult.FAILED if exc.status_code >= 500
+                         else AuditResult.REFUSED)
+        record.detail = record.detail or _reason_text(exc.detail)
+        raise
+    except NotConnected as exc:
+        record.result, record.detail = AuditResult.FAILED, str(exc)
+        raise
+    except BaseException as exc:  # a bug (500) or a cancelled request: not done, say so
+        record.result = AuditResult.FAILED
+        record.detail = f"not finished: {type(exc).__name__}"
+        raise
+    finally:
+        tag_clinic, tag_device, note = _boot_tags(gw, record.clinic, record.device)
+        gw.record_audit(AuditEvent(
+            actor=caller.name, role=caller.role.value, action=action, result=record.result,
+            clinic=tag_clinic, device=tag_device, detail=note + record.detail,
+            ids={k: v for k, v in record.ids.items() if v}))
+
+
+def _command_result(tracked: TrackedCommand) -> AuditResult:
+    return (AuditResult.FAILED if tracked.outcome in (CommandOutcome.FAILED,
+                                                      CommandOutcome.REJECTED)
+            else AuditResult.DONE)
 
 
 class SessionView(BaseModel):
@@ -186,46 +266,66 @@ def list_programs() -> list[ProgramView]:
                502: {"model": Refusal, "description": "the boot rejected or did not ack"}},
 )
 async def start_session(
-    gw: GatewayDep, clinic: str, device: str, body: StartRequest
+    gw: GatewayDep, caller: CallerDep, clinic: str, device: str, body: StartRequest
 ) -> StartResponse:
-    boot = _boot_or_404(gw, clinic, device)
-    if (body.program is None) == (body.custom is None):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY,
-                            "give exactly one of 'program' (catalogue key) or 'custom'")
-    if body.custom is not None:
-        program = body.custom
-    else:
-        template = CATALOGUE.get(body.program or "")
-        if template is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND,
-                                f"no program {body.program!r}; known: {sorted(CATALOGUE)}")
-        program = template.resolve(boot.state.chambers, gw.settings.programs)
-    result = await gw.start_session(clinic, device, program, wait=body.wait)
-    if not result.accepted:
-        refused_before_sending = result.cmd_id is None
-        raise HTTPException(
-            status.HTTP_409_CONFLICT if refused_before_sending else status.HTTP_502_BAD_GATEWAY,
-            detail={"detail": "program refused" if refused_before_sending
-                    else f"boot answered {result.outcome}", "reasons": result.reasons},
-        )
-    assert result.session_id and result.cmd_id and result.outcome
-    return StartResponse(session_id=result.session_id, cmd_id=result.cmd_id,
-                         outcome=result.outcome.value)
+    with _audited(gw, caller, AuditAction.SESSION_START, clinic, device) as audit:
+        boot = _boot_or_404(gw, clinic, device)
+        if (body.program is None) == (body.custom is None):
+            raise HTTPException(422,
+                                "give exactly one of 'program' (catalogue key) or 'custom'")
+        if body.custom is not None:
+            program = body.custom
+            what = f"custom program {program.name!r}"
+        else:
+            template = CATALOGUE.get(body.program or "")
+            if template is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND,
+                                    f"no program {body.program!r}; known: {sorted(CATALOGUE)}")
+            program = template.resolve(boot.state.chambers, gw.settings.programs)
+            what = f"program {template.key}"
+        result = await gw.start_session(clinic, device, program, wait=body.wait)
+        audit.ids.update(cmd_id=result.cmd_id or "", session_id=result.session_id or "")
+        audit.detail = what if result.accepted else f"{what}: {'; '.join(result.reasons)}"
+        if not result.accepted:
+            refused_before_sending = result.cmd_id is None
+            raise HTTPException(
+                status.HTTP_409_CONFLICT if refused_before_sending
+                else status.HTTP_502_BAD_GATEWAY,
+                detail={"detail": "program refused" if refused_before_sending
+                        else f"boot answered {result.outcome}", "reasons": result.reasons},
+            )
+        assert result.session_id and result.cmd_id and result.outcome
+        audit.detail = f"{what}: {result.outcome.value}"
+        return StartResponse(session_id=result.session_id, cmd_id=result.cmd_id,
+                             outcome=result.outcome.value)
 
 
 @router.post("/boots/{clinic}/{device}/stop", response_model=CommandView)
-async def stop_session(gw: GatewayDep, clinic: str, device: str, wait: bool = True
-                       ) -> CommandView:
-    _boot_or_404(gw, clinic, device)
-    return _command_view(await gw.stop_session(clinic, device, wait=wait))
+async def stop_session(gw: GatewayDep, caller: CallerDep, clinic: str, device: str,
+                       wait: bool = True) -> CommandView:
+    with _audited(gw, caller, AuditAction.SESSION_STOP, clinic, device) as audit:
+        _boot_or_404(gw, clinic, device)
+        tracked = await gw.stop_session(clinic, device, wait=wait)
+        audit.ids.update(cmd_id=tracked.command.cmd_id,
+                         session_id=tracked.command.session_id or "")
+        audit.result = _command_result(tracked)
+        audit.detail = f"stop: {tracked.outcome.value}"
+        return _command_view(tracked)
 
 
 @router.post("/boots/{clinic}/{device}/vent", response_model=CommandView)
-async def vent(gw: GatewayDep, clinic: str, device: str, body: VentRequest | None = None
-               ) -> CommandView:
-    _boot_or_404(gw, clinic, device)
-    body = body or VentRequest()
-    return _command_view(await gw.vent(clinic, device, body.reason, wait=body.wait))
+async def vent(gw: GatewayDep, caller: CallerDep, clinic: str, device: str,
+               body: VentRequest | None = None) -> CommandView:
+    with _audited(gw, caller, AuditAction.VENT, clinic, device) as audit:
+        _boot_or_404(gw, clinic, device)
+        body = body or VentRequest()
+        session = gw.boot(clinic, device).session
+        audit.ids["session_id"] = session.session_id if session else ""
+        tracked = await gw.vent(clinic, device, body.reason, wait=body.wait)
+        audit.ids["cmd_id"] = tracked.command.cmd_id
+        audit.result = _command_result(tracked)
+        audit.detail = f"{body.reason}: {tracked.outcome.value}"
+        return _command_view(tracked)
 
 
 @router.get("/commands/{cmd_id}", response_model=CommandView)
@@ -237,7 +337,10 @@ def get_command(gw: GatewayDep, cmd_id: str) -> CommandView:
 
 
 class AckAlarmRequest(BaseModel):
-    by: str = Field(min_length=1, max_length=80, description="who acknowledges (name or role)")
+    by: str | None = Field(
+        None, min_length=1, max_length=80, description="a note, e.g. who at the desk saw it; "
+        "the alarm records the token's user as who acknowledged it, the note goes to the "
+        "audit trail")
 
 
 @router.get("/alarms", response_model=list[Alarm])
@@ -248,11 +351,55 @@ def list_alarms(gw: GatewayDep, include_cleared: bool = False, clinic: str | Non
 
 
 @router.post("/alarms/{alarm_id}/ack", response_model=Alarm)
-async def acknowledge_alarm(gw: GatewayDep, alarm_id: str, body: AckAlarmRequest) -> Alarm:
-    try:
-        return gw.acknowledge_alarm(alarm_id, body.by)
-    except UnknownAlarm as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+async def acknowledge_alarm(gw: GatewayDep, caller: CallerDep, alarm_id: str,
+                            body: AckAlarmRequest | None = None) -> Alarm:
+    with _audited(gw, caller, AuditAction.ALARM_ACK) as audit:
+        audit.ids["alarm_id"] = alarm_id[:200]
+        note = body.by if body and body.by else None
+        audit.detail = f"note: {note}" if note else ""
+        try:
+            alarm = gw.acknowledge_alarm(alarm_id, caller.name)
+        except UnknownAlarm as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        audit.clinic, audit.device = alarm.clinic, alarm.device
+        audit.detail = f"{alarm.rule} {alarm.state.value}" + (f"; note: {note}" if note else "")
+        return alarm
+
+
+class AuditView(BaseModel):
+    time: float = Field(description="unix s, the gateway's clock (the InfluxDB point's time)")
+    actor: str
+    role: str
+    action: AuditAction
+    result: AuditResult
+    clinic: str | None
+    device: str | None
+    detail: str
+    ids: dict[str, str] = Field(description="cmd_id, session_id, alarm_id where they apply")
+
+
+@router.get("/audit", response_model=list[AuditView])
+def list_audit(
+    gw: GatewayDep,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
+    actor: str | None = None,
+    role: Role | None = None,
+    action: AuditAction | None = None,
+    result: AuditResult | None = None,
+    clinic: str | None = None,
+    device: str | None = None,
+    since: Annotated[float | None, Query(allow_inf_nan=False,
+                                         description="unix s: records from then on")] = None,
+) -> list[AuditView]:
+    """The newest audit records kept in memory (`api.audit_keep`), newest first; all of them
+    are in InfluxDB (measurement `audit`, docs/schema.md)."""
+    found = gw.audit_trail.query(limit=limit, actor=actor, role=role.value if role else None,
+                                 action=action, result=result, clinic=clinic, device=device,
+                                 since=since)
+    return [AuditView(time=r.time, actor=r.event.actor, role=r.event.role,
+                      action=r.event.action, result=r.event.result, clinic=r.event.clinic,
+                      device=r.event.device, detail=r.event.detail, ids=dict(r.event.ids))
+            for r in found]
 
 
 class Health(BaseModel):
@@ -262,6 +409,9 @@ class Health(BaseModel):
     storage_queue: int
     spool_points: int
     boots: dict[str, int]
+    storage_fault: bool = Field(False, description="the disk spool cannot be written (full, "
+                                "read-only, I/O errors) or the storage writer is not running: "
+                                "degraded; details in /api/v1/stats and the gateway's alarm")
 
 
 class Stats(BaseModel):
@@ -282,33 +432,66 @@ class Stats(BaseModel):
     points_spooled: int
     points_replayed: int
     points_dropped_spool_full: int
+    points_dropped_spool_error: int = Field(0, description="memory full while the spool failed")
+    storage_faults: dict[str, int] = Field(
+        default_factory=dict, description="spool and InfluxDB fault counters and the "
+        "spool_fault gauge, as in gateway_health (docs/schema.md §2.10)")
     write_errors: int
     influx_connected: bool
     mqtt_reconnects: int
     loop_lag_max_ms: float
     gc_pause_max_ms: float
+    api_refused: dict[str, int] = Field(description="API calls refused, by kind: "
+                                        "unauthorized (401), forbidden (403), too_large, "
+                                        "invalid (422), not_found, ...")
+    api_anonymous: bool = Field(description="api.allow_anonymous: the API is open")
+    api_users: int
+    audit_records: int = Field(description="audit records since the start")
 
 
 def create_app(gateway: Gateway) -> FastAPI:
+    """The API app; refuses (ApiClosedError) when the API has no users and is not open on
+    purpose, so a gateway is never started with an API that anyone can use by accident."""
+    api = gateway.settings.api
+    authenticator = Authenticator(api)  # raises ApiClosedError: no user, no token, not open
+    if authenticator.anonymous:
+        log.warning("API open to anyone: api.allow_anonymous is set, every caller is the ops "
+                    "user 'anonymous'", extra={"api": f"{api.host}:{api.port}"})
     app = FastAPI(
         title="Boot fleet gateway",
         version="1",
-        description="Start, stop and vent pneumatic compression boots; see the fleet's state.",
+        description="Start, stop and vent pneumatic compression boots; see the fleet's state. "
+        "Every /api call needs `Authorization: Bearer <token>` of a user whose role may call "
+        "it (front_desk, manager, ops; docs/deploy.md).",
     )
     app.state.gateway = gateway
     app.include_router(router)
-    api = gateway.settings.api
-    # Before FastAPI reads a byte of the body: the token, then the size (gateway/api_guard.py).
-    app.add_middleware(ApiGuard, max_body_bytes=api.max_body_bytes, token=lambda: (
-        api.token.get_secret_value() if api.token is not None else None))
+    counters = app.state.api_counters = ApiCounters()
+
+    def forbidden(principal: Principal, rule: RouteRule, params: dict[str, str]) -> None:
+        assert rule.action is not None
+        alarm_id = params.get("alarm_id")
+        clinic, device, note = _boot_tags(gateway, params.get("clinic"), params.get("device"))
+        gateway.record_audit(AuditEvent(
+            actor=principal.name, role=principal.role.value, action=rule.action,
+            result=AuditResult.REFUSED, clinic=clinic, device=device,
+            detail=f"{note}role {principal.role.value} may not {rule.action.value}",
+            ids={"alarm_id": alarm_id[:200]} if alarm_id else {}))
+
+    # Before FastAPI reads a byte of the body: the token, the role, then the size.
+    app.add_middleware(ApiGuard, authenticator=authenticator, max_body_bytes=api.max_body_bytes,
+                       counters=counters, routes=RouteTable(), on_forbidden=forbidden,
+                       log_interval_s=gateway.settings.reject_log_interval_s,
+                       monotonic=gateway.monotonic)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        counters.refused["invalid"] += 1
         # Where and why, without echoing the input: it may not even be JSON-serialisable
         # (NaN, Infinity), and a 500 would hide the reason from the client.
         errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
         return JSONResponse({"detail": errors},
-                            status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+                            status_code=422)
 
     @app.exception_handler(NotConnected)
     async def _no_broker(request: Request, exc: NotConnected) -> JSONResponse:
@@ -319,15 +502,16 @@ def create_app(gateway: Gateway) -> FastAPI:
     def health() -> Health:
         mqtt_ok = gateway.link.connected.is_set()
         influx_ok = gateway.writer.stats.connected
+        storage_fault = gateway.writer.storage_fault is not None or not gateway.writer.task_alive
         return Health(
-            status="ok" if mqtt_ok and influx_ok else "degraded",
+            status="ok" if mqtt_ok and influx_ok and not storage_fault else "degraded",
             mqtt_connected=mqtt_ok, influx_connected=influx_ok,
             storage_queue=gateway.writer.queue_depth, spool_points=gateway.writer.spool_points,
-            boots=gateway.fleet.counts(),
+            boots=gateway.fleet.counts(), storage_fault=storage_fault,
         )
 
     @app.get("/api/v1/stats", response_model=Stats, tags=["ops"],
-             dependencies=[Depends(authorize)])
+             dependencies=[Depends(authorize)], responses=_GUARDED)
     def stats() -> Stats:
         w = gateway.writer.stats
         return Stats(
@@ -336,16 +520,20 @@ def create_app(gateway: Gateway) -> FastAPI:
             sessions_resumed=gateway.stats.sessions_resumed,
             safety_events=gateway.stats.safety_events,
             alarms_listed=len(gateway.alarms.listed()),
-            points_written=w.points_written, points_dropped=w.points_dropped_queue_full,
+            points_written=w.points_written, points_dropped=w.points_dropped,
             points_refused=w.points_refused, storage_queue=gateway.writer.queue_depth,
             storage_queue_peak=w.queue_peak, spool_points=gateway.writer.spool_points,
             spool_bytes=gateway.writer.spool_bytes, points_spooled=w.points_spooled,
             points_replayed=w.points_replayed,
             points_dropped_spool_full=w.points_dropped_spool_full,
+            points_dropped_spool_error=w.points_dropped_spool_error,
+            storage_faults=gateway.writer.health_counters(),
             write_errors=w.write_errors, influx_connected=w.connected,
             mqtt_reconnects=gateway.link.reconnects,
             loop_lag_max_ms=gateway.stats.loop_lag_max_ms,
             gc_pause_max_ms=round(gateway.gc_pauses.max_ms, 3),
+            api_refused=dict(counters.refused), api_anonymous=authenticator.anonymous,
+            api_users=authenticator.users, audit_records=gateway.audit_trail.recorded,
         )
 
     return app

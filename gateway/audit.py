@@ -10,6 +10,8 @@ actor names are API user names or provisioning operator names (ID_PATTERN), neve
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -73,3 +75,51 @@ def log_audit(event: AuditEvent) -> None:
         "actor": event.actor, "role": event.role, "action": event.action.value,
         "result": event.result.value, "clinic": event.clinic, "device": event.device,
         "detail": event.detail[:500], **{k: v[:200] for k, v in event.ids.items()}})
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    time: float  # unix s on the gateway's clock: the time of its InfluxDB point too
+    event: AuditEvent
+
+
+class AuditTrail:
+    """The newest audit records in memory, for `GET /api/v1/audit` without a database.
+
+    Bounded (`api.audit_keep`): the oldest go first. The log and InfluxDB hold every record;
+    this is the quick look, not the archive.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._ring: deque[AuditRecord] = deque(maxlen=keep)
+        self.recorded = 0  # since the start, including those the ring no longer holds
+
+    def append(self, time: float, event: AuditEvent) -> AuditRecord:
+        record = AuditRecord(time, event)
+        self._ring.append(record)
+        self.recorded += 1
+        return record
+
+    def __iter__(self) -> Iterator[AuditRecord]:
+        return iter(self._ring)
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def query(self, *, limit: int, actor: str | None = None, role: str | None = None,
+              action: AuditAction | None = None, result: AuditResult | None = None,
+              clinic: str | None = None, device: str | None = None, since: float | None = None
+              ) -> list[AuditRecord]:
+        """Newest first, at most `limit`, every given filter matching exactly."""
+        found: list[AuditRecord] = []
+        for record in reversed(self._ring):
+            if len(found) >= limit or (since is not None and record.time < since):
+                break
+            e = record.event
+            if ((actor is None or e.actor == actor) and (role is None or e.role == role)
+                    and (action is None or e.action is action)
+                    and (result is None or e.result is result)
+                    and (clinic is None or e.clinic == clinic)
+                    and (device is None or e.device == device)):
+                found.append(record)
+        return found

@@ -29,6 +29,10 @@ DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 Pressure = Annotated[float, Field(allow_inf_nan=False)]
 # What a boot sends is typed strictly: "150" is not a number, 1 is not true (an int is a float).
 Reading = Annotated[float, Field(strict=True)]
+# The boot's clock (unix s). Its telemetry and events are stored at this time, so it must fit
+# InfluxDB's time range (int64 nanoseconds: up to 2262); beyond, a point would be refused.
+DEVICE_TS_MAX = 9.2e9
+DeviceTime = Annotated[float, Field(ge=0, le=DEVICE_TS_MAX, allow_inf_nan=False, strict=True)]
 
 
 class Channel(StrEnum):
@@ -132,8 +136,7 @@ class Telemetry(_Msg):
     """Pressures are taken as the boot sent them, NaN included: judging them is rule 6's job."""
 
     seq: int = Field(ge=0, lt=2**63, strict=True)
-    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False,
-                      strict=True)
+    ts: DeviceTime = Field(description="device clock, unix seconds")
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     session_elapsed_s: float | None = Field(
         default=None, ge=0, allow_inf_nan=False, strict=True,
@@ -154,7 +157,7 @@ class EventKind(StrEnum):
 
 class BootEvent(_Msg):
     kind: EventKind
-    ts: float = Field(allow_inf_nan=False, strict=True)
+    ts: DeviceTime
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     detail: str | None = Field(default=None, max_length=500)
 
@@ -168,7 +171,7 @@ class AckStatus(StrEnum):
 class Ack(_Msg):
     cmd_id: str = Field(pattern=ID_PATTERN)
     status: AckStatus
-    ts: float = Field(allow_inf_nan=False, strict=True)
+    ts: DeviceTime
     reason: str | None = Field(default=None, max_length=500)
 
 
@@ -206,7 +209,8 @@ class SessionProgram(BaseModel):
     duration_s: float = Field(gt=0, le=4 * 3600, allow_inf_nan=False)
     timing: ProgramTiming
     max_inflation_s: float | None = Field(
-        default=None, gt=0, description="longest a chamber may stay inflated in one cycle"
+        default=None, gt=0, allow_inf_nan=False,
+        description="longest a chamber may stay inflated in one cycle",
     )
 
     def longest_inflation_s(self) -> float:
@@ -243,8 +247,7 @@ class BootState(_Msg):
     zones: list[str] = Field(description="zone of each chamber, distal to proximal")
     max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False, strict=True)
     telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False, strict=True)
-    ts: float = Field(description="device clock, unix seconds", allow_inf_nan=False,
-                      strict=True)
+    ts: DeviceTime = Field(description="device clock, unix seconds")
     session: ActiveSession | None = None
 
     @model_validator(mode="after")
@@ -265,7 +268,8 @@ class Command(_Msg):
     kind: CommandKind
     issued_at: float = Field(allow_inf_nan=False)
     expires_at: float | None = Field(
-        default=None, description="unix seconds; the boot must reject the command after this"
+        default=None, allow_inf_nan=False,
+        description="unix seconds; the boot must reject the command after this",
     )
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     program: SessionProgram | None = None
@@ -342,12 +346,36 @@ class PayloadError(ValueError):
         self.kind = kind
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A key twice in one object: parsers disagree on which one counts (Python's keeps the
+    last, others the first), so a payload could mean one thing here and another elsewhere."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return data
+
+
 def decode(channel: Channel, payload: bytes, max_bytes: int) -> _Msg:
-    """Decode and validate one payload; raises PayloadError with a reason fit for a log line."""
+    """Decode and validate one payload; raises PayloadError with a reason fit for a log line.
+
+    Strictly UTF-8 (§4): json.loads(bytes) would also take UTF-16/32 and encoded surrogates,
+    and skip a byte-order mark; the text is decoded first so none of them passes.
+    """
     if len(payload) > max_bytes:
         raise PayloadError("too_large", f"payload of {len(payload)} bytes exceeds {max_bytes}")
     try:
-        data = json.loads(payload)  # NaN/Infinity parse; the models say where they may stand
+        # NaN/Infinity parse; the models say where they may stand
+        data = json.loads(payload.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise PayloadError("invalid", f"duplicate key {str(exc)[:40]!r}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError("not_json", f"not JSON: {str(exc)[:120]}") from None
     except RecursionError:

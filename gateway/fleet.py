@@ -8,10 +8,34 @@ from enum import StrEnum
 
 from gateway.contract import BootState, SessionProgram, Telemetry
 from gateway.journal import OpenSession
+from gateway.programs import CATALOGUE
+from gateway.settings import ProgramLimits
 from gateway.watchdog import BootWatch
 
 # Ended sessions remembered per boot, so a late message of one does not resume it.
 ENDED_KEPT = 8
+
+# The `program` tag of a session (docs/schema.md §2.4) besides the catalogue keys.
+PROGRAM_CUSTOM = "custom"  # a program the gateway knows, not (exactly) a catalogue one
+PROGRAM_UNKNOWN = "unknown"  # resumed from telemetry alone: the gateway has no program
+
+
+def catalogue_key(program: SessionProgram | None, limits: ProgramLimits) -> str | None:
+    """The catalogue key of `program` if it is that catalogue program, else None.
+
+    A name is free text: a custom program (from the API, or a boot's retained state) may be
+    called `post_workout_recovery` and squeeze harder. So the program must equal, field for
+    field, what the catalogue resolves for its chamber count under these limits (the
+    intensity words' mmHg). A boot's retained state carries the program it was sent, which a
+    JSON round trip keeps exact; a session resumed after the clinic changed its intensity
+    mapping no longer matches and counts as custom (docs/schema.md §2.4).
+    """
+    if program is None:
+        return None
+    template = CATALOGUE.get(program.name)
+    if template is None or program != template.resolve(len(program.targets_mmhg), limits):
+        return None
+    return template.key
 
 
 class SessionStatus(StrEnum):
@@ -40,10 +64,18 @@ class Session:
     started_at: float | None = None
     resumed: bool = False
     left_at: float | None = None  # monotonic: when the boot's messages stopped showing it
+    catalogue: str | None = None  # catalogue_key(program): set by whoever made the session
 
     @property
     def program_name(self) -> str:
         return self.program.name if self.program else "unknown"
+
+    @property
+    def program_tag(self) -> str:
+        """A closed vocabulary, never free text: a catalogue key, `custom` or `unknown`."""
+        if self.program is None:
+            return PROGRAM_UNKNOWN
+        return self.catalogue if self.catalogue in CATALOGUE else PROGRAM_CUSTOM
 
     def journal_entry(self, key: str) -> OpenSession:
         return OpenSession(key=key, session_id=self.session_id, cmd_id=self.cmd_id,
@@ -51,10 +83,12 @@ class Session:
                            started_at=self.started_at)
 
     @classmethod
-    def from_journal(cls, entry: OpenSession) -> Session:
+    def from_journal(cls, entry: OpenSession, limits: ProgramLimits | None = None) -> Session:
+        """With `limits`, a journalled catalogue program is recognised (catalogue_key)."""
         status = SessionStatus.STARTING if entry.started_at is None else SessionStatus.RUNNING
         return cls(entry.session_id, entry.program, entry.cmd_id, entry.requested_at, status,
-                   entry.started_at)
+                   entry.started_at, catalogue=catalogue_key(entry.program, limits)
+                   if limits is not None else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,14 @@ import logging
 import random
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.mqtt_tls import client_security
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,21 @@ class MqttLink:
         self.reconnects = 0
         self.handler_errors = 0
         self._tasks: set[asyncio.Task[bool]] = set()
+        # TLS context and password, built here so that an unusable file stops the gateway
+        # at construction (settings validation has already loaded them once).
+        self._security: dict[str, Any] = client_security(settings)
+
+    async def _fresh_security(self) -> dict[str, Any]:
+        """TLS context and password from the files as they are now, so renewed certificates
+        and a rotated password are used at the next connect. A file that became unusable
+        keeps the last good ones: a bad rotation must not cut the vents off the broker.
+        Built in a thread: loading the system trust store takes ~40 ms, a stall of the loop."""
+        try:
+            self._security = await asyncio.to_thread(client_security, self.settings)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("mqtt TLS or password file unusable; reconnecting with the previous "
+                      "ones", extra={"error": str(exc)})
+        return self._security
 
     async def run(self) -> None:
         """Connect, serve, and reconnect with exponential backoff and jitter until cancelled."""
@@ -101,10 +118,10 @@ class MqttLink:
         backoff = s.reconnect_min_s
         attempt = 0
         while True:
+            security = await self._fresh_security() if attempt else self._security
             client = without_topic_callbacks(aiomqtt.Client(
                 s.host, s.port,
-                username=s.username,
-                password=s.password.get_secret_value() if s.password else None,
+                **security,  # username, password, tls_context (gateway/mqtt_tls.py)
                 identifier=s.client_id,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 keepalive=s.keepalive_s,
@@ -120,12 +137,19 @@ class MqttLink:
             try:
                 async with client:
                     for topic, options in self._subscriptions:
-                        await client.subscribe(topic, options=options)
+                        granted = await client.subscribe(topic, options=options)
+                        if any(subscription_refused(rc) for rc in granted):
+                            # A gateway that cannot read its boots must not go on sending
+                            # heartbeats as if it could (the boots would not vent by
+                            # themselves): a refusal is a failed connect, retried.
+                            log.error("mqtt subscription refused by the broker's ACL", extra={
+                                "topic": topic, "reason": [str(rc) for rc in granted]})
+                            raise aiomqtt.MqttError(f"subscription to {topic!r} refused")
                     self._client = client
                     self.connected.set()
                     log.info("mqtt connected", extra={
                         "broker": f"{s.host}:{s.port}", "attempt": attempt,
-                        "session_expiry_s": s.session_expiry_s})
+                        "tls": s.tls, "session_expiry_s": s.session_expiry_s})
                     backoff = s.reconnect_min_s
                     if attempt:
                         self.reconnects += 1
@@ -225,6 +249,39 @@ class MqttLink:
             log.error("publish failed", extra={"topic": topic, "error": str(exc)})
             return False
         return True
+
+    def receive_backlog(self) -> bool:
+        """True when received bytes are waiting that the gateway has not read yet.
+
+        Rule 5 asks this at each tick: after a stall of the gateway's own loop (or under a
+        flood) a boot's newest samples may be in here, not missing. Asked of the kernel
+        (poll with timeout 0, never blocking) and of the TLS layer, which may hold a decrypted
+        record the kernel no longer shows. Not connected: False, nothing can be waiting.
+        """
+        import select  # here, not at the top: this method is the watchdog's only use of it
+
+        client = self._client
+        sock = client._client.socket() if client is not None else None  # paho's socket
+        if sock is None:
+            return False
+        pending = getattr(sock, "pending", None)  # ssl.SSLSocket: decrypted, unread bytes
+        if pending is not None and pending() > 0:
+            return True
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # closed under us: the reader reports the loss
+            return False
+
+
+def subscription_refused(rc: object) -> bool:
+    """A SUBACK reason code that refuses: MQTT 5 ReasonCode, or an MQTT 3 int of 0x80."""
+    is_failure = getattr(rc, "is_failure", None)
+    if is_failure is not None:
+        return bool(is_failure)
+    value = getattr(rc, "value", rc)
+    return isinstance(value, int) and value >= 0x80
 
 
 def subscribe_options(qos: int = 1) -> SubscribeOptions:

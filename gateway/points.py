@@ -18,6 +18,10 @@ from gateway.fleet import Boot, Session
 from gateway.lineprotocol import FieldValue, Point
 from gateway.watchdog import RULE_NUMBER, SafetyAction, VentConfirmed
 
+# The `program_name` field's bound: the contract's own (SessionProgram.name), kept here too so
+# that no path around the contract stores more.
+PROGRAM_NAME_MAX_CHARS = 80
+
 
 class Stamps:
     """Microsecond timestamps from a wall clock, never the same twice in this process."""
@@ -118,16 +122,19 @@ def session(
     clinic: str, device: str, sess: Session, outcome: str, time_us: int,
     ended_at: float | None = None,
 ) -> Point:
+    """`program` is a closed vocabulary (catalogue key, `custom`, `unknown`): a name is free text
+    from outside, and as a tag every new name would be a new series (docs/schema.md §3)."""
     fields: dict[str, FieldValue] = {
         "session_id": sess.session_id,
     }
     if sess.program is not None:
+        fields["program_name"] = sess.program.name[:PROGRAM_NAME_MAX_CHARS]
         fields["planned_s"] = float(sess.program.duration_s)
     if ended_at is not None and sess.started_at is not None:
         fields["duration_s"] = round(ended_at - sess.started_at, 3)
     return Point(
         "session",
-        {"clinic": clinic, "device": device, "program": sess.program_name,
+        {"clinic": clinic, "device": device, "program": sess.program_tag,
          "outcome": outcome},
         fields,
         time_us,

@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.aio import cancel_and_wait
 from gateway.api import create_app
+from gateway.api_users import ApiClosedError
 from gateway.redact import redact
 from gateway.service import Gateway
 
@@ -16,10 +17,19 @@ log = logging.getLogger("gateway")
 
 
 async def serve(gateway: Gateway, stop: asyncio.Event | None = None) -> None:
-    """Run gateway and API until `stop` is set (or forever); then shut down in order."""
+    """Run gateway and API until `stop` is set (or forever); then shut down in order.
+
+    An API with no users that is not open on purpose (api.allow_anonymous) is a refusal to
+    start, raised before anything runs: `python -m gateway` then exits 1 with the reason logged.
+    """
     settings = gateway.settings
+    try:
+        app = create_app(gateway)
+    except ApiClosedError as exc:
+        log.error("gateway refuses to start", extra={"reason": str(exc)})
+        raise
     server = uvicorn.Server(uvicorn.Config(
-        create_app(gateway), host=settings.api.host, port=settings.api.port,
+        app, host=settings.api.host, port=settings.api.port,
         log_config=None, access_log=False, lifespan="off",
     ))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

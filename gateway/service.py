@@ -8,6 +8,7 @@ Data flow of one message (all synchronous, no await on the hot path):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 
 from gateway import points
 from gateway.aio import cancel_and_wait
-from gateway.alarms import VENT_RESOLVED, AlarmBook
+from gateway.alarms import STORAGE_FAULT, VENT_RESOLVED, AlarmBook
+from gateway.audit import AuditEvent, AuditTrail, audit_point, log_audit
+from gateway.broker_admin import gateway_subscriptions
 from gateway.commands import CommandOutcome, CommandTracker, TrackedCommand, new_id
 from gateway.contract import (
     ALARM_TOPIC_PREFIX,
     CHANNEL_QOS,
     HEARTBEAT_TOPIC,
-    TOPIC_ROOT,
     Ack,
     AckStatus,
     Alarm,
@@ -35,6 +37,7 @@ from gateway.contract import (
     Heartbeat,
     PayloadError,
     SessionProgram,
+    Severity,
     Telemetry,
     TopicAddress,
     TopicError,
@@ -43,7 +46,7 @@ from gateway.contract import (
     parse_topic,
     topic,
 )
-from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
+from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus, catalogue_key
 from gateway.gc_tuning import GcPauses
 from gateway.journal import OpenSession, SessionJournal
 from gateway.lineprotocol import FieldValue
@@ -136,7 +139,8 @@ class Gateway:
         self.gc_pauses = GcPauses()  # filled once the process tunes its collector (__main__)
         self.link = MqttLink(
             settings.mqtt,
-            [(f"{TOPIC_ROOT}/#", subscribe_options(1))],
+            # What the broker lets the gateway read (gateway/broker_admin.py), no more.
+            [(t, subscribe_options(1)) for t in gateway_subscriptions()],
             self.handle_message,
         )
         self.commands = CommandTracker(
@@ -147,6 +151,7 @@ class Gateway:
         self._unreconciled: dict[str, OpenSession] = {}
         self._reconcile_until: float | None = None
         self.alarms = AlarmBook()
+        self._storage_alarm: str | None = None  # the open storage_fault alarm's id
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
         self.ready = asyncio.Event()
 
@@ -190,7 +195,6 @@ class Gateway:
     async def _ticker(self) -> None:
         interval = self.settings.watchdog.tick_interval_s
         due = self.monotonic() + interval
-        silence_hold_until = 0.0
         while True:
             await asyncio.sleep(max(0.0, due - self.monotonic()))
             now = self.monotonic()
@@ -199,18 +203,20 @@ class Gateway:
             if lag_ms > self.stats.loop_lag_max_ms:
                 self.stats.loop_lag_max_ms = round(lag_ms, 1)
             if lag_ms > STALL_MS:
-                # Our own stall, not the boots': give the backlog one silence floor to drain
-                # before rule 5 judges anyone silent again.
-                silence_hold_until = now + self.settings.watchdog.telemetry_loss_floor_s
-                self._reject_log.warning("loop-lag", "gateway event loop stalled; rule 5 "
-                                         "held while the backlog drains", lag_ms=round(lag_ms, 1))
-            self.tick(now, check_silence=now >= silence_hold_until)
+                # Logged only: what piled up in the socket meanwhile is the backlog that rule 5
+                # allows its bounded grace for (Watchdog._silence); nothing is switched off.
+                self._reject_log.warning("loop-lag", "gateway event loop stalled",
+                                         lag_ms=round(lag_ms, 1))
+            self.tick(now, backlog=self.link.receive_backlog())
 
-    def tick(self, now: float, check_silence: bool = True) -> None:
-        """Everything that is due by time: rules 4, 5 and 8, ack deadlines, session ends."""
+    def tick(self, now: float, backlog: bool = False) -> None:
+        """Everything that is due by time: rules 4, 5 and 8, ack deadlines, session ends.
+
+        backlog: input is waiting unread on the MQTT socket (rule 5 may wait a bounded grace).
+        """
         grace = self.settings.session_end_grace_s
         for boot in list(self.fleet.boots.values()):
-            actions = self.watchdog.on_tick(boot.watch, now, check_silence)
+            actions = self.watchdog.on_tick(boot.watch, now, backlog)
             if actions:
                 self._apply(boot, actions)
             session = boot.session
@@ -220,6 +226,7 @@ class Gateway:
                     "device": boot.key, "session_id": session.session_id})
                 self._end_session(boot, SessionOutcome.LOST, by_boot=True)
         self.commands.expire_due(now)
+        self._watch_storage()
         if self._reconcile_until is not None and now >= self._reconcile_until:
             self._reconcile_until = None
             for entry in list(self._unreconciled.values()):
@@ -249,9 +256,33 @@ class Gateway:
         clinic, device = entry.key.split("/", 1)
         log.warning("session ended while the gateway was away", extra={
             "device": entry.key, "session_id": entry.session_id, "outcome": outcome.value})
-        self.writer.submit(points.session(clinic, device, Session.from_journal(entry),
+        self.writer.submit(points.session(clinic, device, Session.from_journal(
+                                              entry, self.settings.programs),
                                           outcome.value, self._stamp()))
         self.journal.closed(entry.key, entry.session_id)
+
+    def _watch_storage(self) -> None:
+        """A gateway alarm (`storage_fault`) while the disk spool cannot be written.
+
+        The writer carries on without the spool (InfluxDB if it is up, memory, counted
+        drops); the alarm tells a human that the next InfluxDB outage would lose data. One
+        alarm per episode, resolved when the spool works again.
+        """
+        fault = self.writer.storage_fault
+        if fault is not None and self._storage_alarm is None:
+            alarm = self.alarms.raise_gateway_alarm(
+                self.settings.gateway_id, STORAGE_FAULT, Severity.MEDIUM, fault, self.clock())
+            self._storage_alarm = alarm.alarm_id
+            log.error("storage fault: gateway alarm raised", extra={
+                "alarm_id": alarm.alarm_id, "fault": fault,
+                "points_dropped": self.writer.stats.points_dropped})
+            self._publish_alarm(alarm)
+        elif fault is None and self._storage_alarm is not None:
+            resolved = self.alarms.resolve_alarm(self._storage_alarm, self.clock())
+            log.info("storage fault over", extra={"alarm_id": self._storage_alarm})
+            self._storage_alarm = None
+            if resolved is not None:
+                self._publish_alarm(resolved)
 
     async def _heartbeat(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -271,7 +302,7 @@ class Gateway:
         fields |= {
             "msgs_rejected": sum(self.stats.rejected.values()),
             "points_written": w.points_written,
-            "points_dropped": w.points_dropped_queue_full + w.points_dropped_spool_full,
+            "points_dropped": w.points_dropped,
             "points_spooled": w.points_spooled,
             "points_replayed": w.points_replayed,
             "points_refused": w.points_refused,
@@ -279,6 +310,7 @@ class Gateway:
             "write_latency_ms": round(w.last_write_ms, 3),
             "queue_depth": self.writer.queue_depth,
             "spool_bytes": self.writer.spool_bytes,
+            **self.writer.health_counters(),
             "mqtt_connected": int(self.link.connected.is_set()),
             "influx_connected": int(w.connected),
             "mqtt_reconnects": self.link.reconnects,
@@ -438,7 +470,8 @@ class Gateway:
             elapsed_s, provisional = max(0.0, now - started), True
         boot.session = Session(session_id, program, cmd_id,
                                known.requested_at if known else now, SessionStatus.RUNNING,
-                               now - elapsed_s, resumed=True)
+                               now - elapsed_s, resumed=True,
+                               catalogue=catalogue_key(program, self.settings.programs))
         self.watchdog.start_session(boot.watch, session_id, program, self.monotonic(),
                                     elapsed_s, provisional)
         self.stats.sessions_resumed += 1
@@ -725,7 +758,9 @@ class Gateway:
         cmd = Command(cmd_id=new_id("c"), kind=CommandKind.START, issued_at=now,
                       expires_at=now + expiry, session_id=new_id("s"), program=program)
         assert cmd.session_id is not None
-        session = boot.session = Session(cmd.session_id, program, cmd.cmd_id, now)
+        session = boot.session = Session(cmd.session_id, program, cmd.cmd_id, now,
+                                         catalogue=catalogue_key(program,
+                                                                 self.settings.programs))
         self.watchdog.start_session(boot.watch, cmd.session_id, program, self.monotonic())
         self.journal.opened(session.journal_entry(boot.key))
         tracked = self._track(boot, cmd, expiry + self.settings.command_ack_timeout_s)
@@ -774,3 +809,18 @@ class Gateway:
     def _stamp(self) -> int:
         """The time of a point the gateway stamps itself (unique, so none overwrites another)."""
         return self._stamps(self.clock())
+
+    # ------------------------------------------------------------------ audit trail (API)
+
+    @functools.cached_property
+    def audit_trail(self) -> AuditTrail:
+        """The newest audit records in memory (GET /api/v1/audit); all go to InfluxDB."""
+        return AuditTrail(self.settings.api.audit_keep)
+
+    def record_audit(self, event: AuditEvent) -> None:
+        """Who did what through the API: to the log, the in-memory trail and InfluxDB
+        (measurement `audit`), with one timestamp for all three."""
+        log_audit(event)
+        time_us = self._stamp()
+        self.audit_trail.append(time_us / 1e6, event)
+        self.writer.submit(audit_point(event, time_us))

@@ -14,6 +14,12 @@ Every duration is measured so that it stays right through a step of the boot's c
 steps real devices, either way) and through a stall of the gateway's own event loop: rules 4,
 5 and 8 run on the gateway's monotonic clock; rule 3 runs on `BootWatch.step_free_s`, the boot's
 sample times with every step taken out by the gateway's monotonic clock (`_advance_clock`).
+
+Rule 5 judges silence on receive times. Input still unread in the gateway's socket (`backlog`
+in `on_tick`, after a stall of the gateway's own loop or under a flood) may hold a boot's
+newest samples, so an overdue boot is then given `receive_backlog_grace_s` more, once per
+silence and never longer: no input, however much or however timed, can defer a vent past
+limit + grace + one tick from the last sample received (`_silence`).
 """
 
 from __future__ import annotations
@@ -111,6 +117,8 @@ class BootWatch:
     over_target_run: list[int] = field(default_factory=list)
     inflated_since: list[float | None] = field(default_factory=list)
     silence_reported: bool = False
+    # rule 5: from when this silence counts as overdue (None: not overdue); see _silence
+    silence_due_since: float | None = None
     # rule 3's step-free clock (see _advance_clock)
     step_free_s: float = 0.0
     clock_device_ts: float | None = None
@@ -190,6 +198,7 @@ class Watchdog:
         watch.overrun_reported = False
         watch.over_target_run = [0] * watch.chambers
         watch.silence_reported = False
+        watch.silence_due_since = None
         watch.last_seq = None  # a boot may have rebooted since its last sample
         # The silence clock starts with the session: a boot just back online has its whole
         # limit to send its first sample, not what is left since its last one.
@@ -209,6 +218,7 @@ class Watchdog:
         fresh = self._is_fresh(watch, sample.seq)
         watch.last_sample_at = now
         watch.silence_reported = False
+        watch.silence_due_since = None
         pressures = sample.pressures
         step_free = watch.step_free_s
         if fresh:
@@ -361,27 +371,19 @@ class Watchdog:
 
     # ------------------------------------------------------------------ rules on time
 
-    def on_tick(self, watch: BootWatch, now: float, check_silence: bool = True
-                ) -> list[Outcome]:
+    def on_tick(self, watch: BootWatch, now: float, backlog: bool = False) -> list[Outcome]:
         """Rules 8 (vent not confirmed), 5 (telemetry loss) and 4 (session overrun).
 
-        check_silence=False while the gateway itself is catching up after a stall of its own
-        event loop: the boots' samples are waiting in its socket, they are not missing.
+        backlog: input is waiting unread in the gateway's MQTT socket right now, so a boot's
+        newest samples may be in it rather than missing (rule 5, see `_silence`).
         """
         if watch.venting:
             return self._unconfirmed(watch, now)
         if not watch.in_session or not watch.online:
             return []
-        if check_silence and watch.last_sample_at is not None and not watch.silence_reported:
-            silent = now - watch.last_sample_at
-            limit = self.silence_limit(watch)
-            if silent > limit:
-                watch.silence_reported = True
-                return [self._vent(watch, now, SafetyAction(
-                    rule=Rule.TELEMETRY_LOSS, severity=Severity.HIGH, vent=True, alarm=True,
-                    value=round(silent, 3), limit=limit,
-                    detail=f"no telemetry for {silent:.1f} s in session (limit {limit:g} s)",
-                ))]
+        silence = self._silence(watch, now, backlog)
+        if silence:
+            return silence
         if (watch.session_started_at is not None and watch.overrun_limit_s is not None
                 and watch.session_duration_s is not None and not watch.overrun_reported
                 and not watch.start_provisional):  # a guess waits for the boot's next sample
@@ -397,6 +399,40 @@ class Watchdog:
                     f"{self.limits.overrun_grace_s:g} s = {limit:g} s)",
                 ))]
         return []
+
+    def _silence(self, watch: BootWatch, now: float, backlog: bool) -> list[Outcome]:
+        """Rule 5: no sample received for longer than the boot's silence limit.
+
+        Once the limit is passed, a vent waits only while input is unread in the gateway's
+        socket (its samples may be there: the gateway is behind, not the boot), and for at
+        most `receive_backlog_grace_s` from when the boot became overdue as the gateway could
+        see it: the end of its limit, or one tick before the tick that found it overdue if
+        the gateway was not ticking then (its own loop had stalled, and what piled up in the
+        socket meanwhile needs the grace to drain). The deferral is state of this silence,
+        not of the input: more input, or input timed to keep arriving, cannot extend it, so
+        no outside traffic holds this rule off for longer than the grace.
+        """
+        if watch.last_sample_at is None or watch.silence_reported:
+            return []
+        silent = now - watch.last_sample_at
+        limit = self.silence_limit(watch)
+        if silent <= limit:
+            watch.silence_due_since = None
+            return []
+        due = watch.silence_due_since
+        if due is None:
+            due = watch.silence_due_since = max(watch.last_sample_at + limit,
+                                                now - self.limits.tick_interval_s)
+        grace = self.limits.receive_backlog_grace_s
+        if backlog and now - due <= grace:
+            return []
+        watch.silence_reported = True
+        return [self._vent(watch, now, SafetyAction(
+            rule=Rule.TELEMETRY_LOSS, severity=Severity.HIGH, vent=True, alarm=True,
+            value=round(silent, 3), limit=limit,
+            detail=f"no telemetry for {silent:.1f} s in session (limit {limit:g} s"
+            + (f", input still unread after the {grace:g} s grace)" if backlog else ")"),
+        ))]
 
     def _unconfirmed(self, watch: BootWatch, now: float) -> list[Outcome]:
         if watch.vent_sent_at is None or not watch.online:

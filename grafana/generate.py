@@ -402,7 +402,7 @@ def fleet_overview() -> Dashboard:
                                                  "options": "session_elapsed_s"}}}}},
             organize(excludeByName={"seq": True, "session": True, "planned_s": True},
                      indexByName={"clinic": 0, "device": 1, "online": 2, "phase": 3,
-                                  "program": 4, "outcome": 5, "Last session event": 6,
+                                  "program_name": 4, "outcome": 5, "Last session event": 6,
                                   "session_elapsed_s": 7, "remaining_s": 8, "max_p": 9,
                                   "Last seen": 10, "session_id": 11, "firmware": 12}),
         ],
@@ -414,7 +414,7 @@ def fleet_overview() -> Dashboard:
                      custom__cellOptions={"type": "color-text"}),
             override("phase", displayName="State", mappings=[value_map(PHASE_COLORS)],
                      custom__cellOptions={"type": "color-text"}),
-            override("program", displayName="Program (latest session)"),
+            override("program_name", displayName="Program (latest session)"),
             override("outcome", displayName="Session", mappings=[value_map(OUTCOME_COLORS)],
                      custom__cellOptions={"type": "color-text"}),
             override("Last session event", unit="dateTimeFromNow"),
@@ -434,9 +434,10 @@ def fleet_overview() -> Dashboard:
          Target("B", _last_per_boot('last("online") AS "online", "firmware"', "boot_state",
                                     CLINICS, STATE_LOOKBACK),
                 Expect(("online", "firmware")), fmt="table"),
-         Target("C", _last_per_boot('last("session_id") AS "session", "program", "outcome", '
-                                    '"planned_s"', "session", CLINICS, STATE_LOOKBACK),
-                Expect(("session", "program", "outcome", "planned_s")), fmt="table")],
+         Target("C", _last_per_boot('last("session_id") AS "session", "program_name", '
+                                    '"outcome", "planned_s"', "session", CLINICS,
+                                    STATE_LOOKBACK),
+                Expect(("session", "program_name", "outcome", "planned_s")), fmt="table")],
         w=24, h=11)
 
     lay.row("Vents and alarms, last 24 h")
@@ -560,10 +561,10 @@ def boot_detail() -> Dashboard:
                     f'time > now() - {STATE_LOOKBACK}', Expect(("seq",)))], w=4, h=4)
     lay.add(stat("Latest session", "Program and outcome of the boot's latest session "
                  "(running while it is in session).", mappings=[value_map(OUTCOME_COLORS)],
-                 fields="/^(program|outcome)$/", text_mode="value_and_name"),
-            [Target("A", f'SELECT last("session_id") AS "session", "program", "outcome" FROM '
-                    f'"session" WHERE {BOOT} AND time > now() - {STATE_LOOKBACK}',
-                    Expect(("session", "program", "outcome")))], w=8, h=4)
+                 fields="/^(program_name|outcome)$/", text_mode="value_and_name"),
+            [Target("A", f'SELECT last("session_id") AS "session", "program_name", "outcome" '
+                    f'FROM "session" WHERE {BOOT} AND time > now() - {STATE_LOOKBACK}',
+                    Expect(("session", "program_name", "outcome")))], w=8, h=4)
 
     lay.add(timeseries(
         "Chamber pressures vs target",
@@ -638,13 +639,16 @@ def boot_detail() -> Dashboard:
                     Expect(("rule", "severity", "action", "detail")), fmt="table")],
             w=12, h=9)
     lay.add(table("Sessions", "Session starts (outcome started) and ends with their outcome; "
-                  "duration against the program's plan.", sort_by="Time",
+                  "duration against the program's plan. program: the catalogue key, custom "
+                  "or unknown; program_name: the program's own name.", sort_by="Time",
                   overrides=[override("outcome", mappings=[value_map(OUTCOME_COLORS)],
                                       custom__cellOptions={"type": "color-text"}),
                              override("planned_s", unit="s"), override("duration_s", unit="s")]),
-            [Target("A", 'SELECT "session_id", "program", "outcome", "planned_s", "duration_s" '
+            [Target("A", 'SELECT "session_id", "program", "program_name", "outcome", '
+                    '"planned_s", "duration_s" '
                     f'FROM "session" WHERE {BOOT} AND $timeFilter ORDER BY time DESC LIMIT 500',
-                    Expect(("session_id", "program", "outcome", "duration_s")), fmt="table")],
+                    Expect(("session_id", "program", "program_name", "outcome", "duration_s")),
+                    fmt="table")],
             w=12, h=8)
     lay.add(table("Connection history", "Every state message: online/offline (a disconnect "
                   "or the LWT), firmware and chamber layout.", sort_by="Time",
@@ -776,7 +780,9 @@ def safety_sessions() -> Dashboard:
     lay.row("Sessions")
     ended = f"{CLINICS} AND {ENDED} AND $timeFilter"
     lay.add(table("Sessions per program and outcome", "Sessions that ended in the time range, "
-                  "per program: completed, stopped (front desk), stopped by the user (stop "
+                  "per program (catalogue key; custom for a clinic's own programs, unknown "
+                  "when the gateway did not know it): completed, stopped (front desk), "
+                  "stopped by the user (stop "
                   "button), vented by the watchdog, rejected or failed at start, or lost "
                   "(the boot left the session without saying how it ended).",
                   transformations=[{"id": "groupingToMatrix", "options": {
@@ -795,7 +801,7 @@ def safety_sessions() -> Dashboard:
                           f'{ended} GROUP BY "outcome"', Expect(("sessions",)),
                           alias="$tag_outcome")], w=6, h=8)
     lay.add(bargauge("Sessions started per program", "Sessions that started running in the "
-                     "time range, by program."),
+                     "time range, by program (catalogue key, custom or unknown)."),
             [Target("A", 'SELECT count("session_id") AS "sessions" FROM "session" WHERE '
                     f"{CLINICS} AND \"outcome\" = 'started' AND $timeFilter GROUP BY \"program\"",
                     Expect(("sessions",)), alias="$tag_program")], w=6, h=8)
@@ -806,8 +812,8 @@ def safety_sessions() -> Dashboard:
             [Target("A", f'SELECT count("session_id") FROM "session" WHERE {ended} '
                     'GROUP BY time($__interval), "outcome" fill(0)', Expect(("count",)),
                     alias="$tag_outcome")], w=12, h=8)
-    lay.add(table("Session durations", "Per program and outcome: sessions, mean and longest "
-                  "duration, and the planned duration.",
+    lay.add(table("Session durations", "Per program (catalogue key, custom or unknown) and "
+                  "outcome: sessions, mean and longest duration, and the planned duration.",
                   overrides=[override_re("duration|planned", unit="s", decimals=0)]),
             [Target("A", 'SELECT count("duration_s") AS "sessions", mean("duration_s") AS '
                     '"mean duration", max("duration_s") AS "longest duration", '
@@ -825,10 +831,29 @@ def safety_sessions() -> Dashboard:
                     fmt="table")],
             w=24, h=9)
 
+    lay.row("Audit trail")
+    lay.add(table("Audit trail", "Who started, stopped or vented a boot or acknowledged an "
+                  "alarm through the API (the token's user and role), and whether it was done, "
+                  "refused (the role may not, an unknown boot or alarm, a program refused "
+                  "before sending) or failed (no broker, no ack); docs/schema.md §2.11. Calls "
+                  "without a valid token are nobody's: the gateway counts them (stats).",
+                  sort_by="Time",
+                  overrides=[override("result", custom__cellOptions={"type": "color-text"},
+                                      mappings=[value_map({"done": ("done", "green"),
+                                                           "refused": ("refused", "orange"),
+                                                           "failed": ("failed", "red")})]),
+                             override("device", links=BOOT_LINK)]),
+            [Target("A", 'SELECT "actor", "role", "action", "result", "clinic", "device", '
+                    '"detail", "cmd_id", "session_id", "alarm_id" FROM "audit" WHERE '
+                    f'{CLINICS} AND $timeFilter ORDER BY time DESC LIMIT 1000',
+                    Expect(("actor", "role", "action", "result", "clinic", "detail")),
+                    fmt="table")],
+            w=24, h=8)
+
     return dashboard(
         "boots-safety-sessions", "Boots: safety and sessions", "safety-sessions.json",
-        "Safety events by rule and severity, reaction times, unacknowledged alarms, and "
-        "sessions per program with their outcomes.", lay, tags=["safety"],
+        "Safety events by rule and severity, reaction times, unacknowledged alarms, "
+        "sessions per program with their outcomes, and the audit trail.", lay, tags=["safety"],
         variables=[clinic_variable(multi=True)], time_from="now-7d", refresh="1m")
 
 
@@ -974,6 +999,18 @@ def _gateway_rules() -> list[Rule]:
              "points_dropped (queue full) or points_refused (InfluxDB rejected the data) "
              "increased: telemetry, safety events or session records are missing from "
              "InfluxDB. Check InfluxDB's capacity and the gateway log."),
+        Rule("boots-gateway-storage-fault", "Gateway disk spool failing",
+             {"A": 'SELECT last("spool_fault") AS "spool_fault" FROM "gateway_health" '
+                   'WHERE $timeFilter GROUP BY "gateway"'},
+             300, [reduce_("B", "A", "last"), threshold("C", "B", "gt", 0)], "C", "0s", "OK",
+             {"severity": "warning", "component": "gateway"},
+             f"Gateway {gw} cannot write its disk spool",
+             "The latest health report says spool_fault = 1: the disk under the spool "
+             "(BOOTGW_INFLUX__SPOOL_DIR) is full, read-only or failing; the gateway's "
+             "storage_fault alarm and its log ('spool write failed', with the errno) say "
+             "which. Writes to InfluxDB go on while it is up, but an InfluxDB outage now "
+             "loses data (counted in points_dropped). Free space or repair the disk: the "
+             "gateway resumes by itself, no restart needed."),
     ]
 
 

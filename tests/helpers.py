@@ -80,7 +80,10 @@ def mqtt_of(mosquitto: LocalMosquitto) -> MqttSettings:
 
 def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | None = None,
                      **over: Any) -> GatewaySettings:
-    """Test settings: short programs allowed, fast flushes, tight silence floor."""
+    """Test settings: short programs allowed, fast flushes, tight silence floor.
+
+    The API is open (`allow_anonymous`, every caller is ops): explicitly, since a gateway
+    refuses to start with no API user otherwise. Pass `api=` for users or a token."""
     return GatewaySettings(
         gateway_id=over.pop("gateway_id", "gw-test"),
         mqtt=MqttSettings(host="127.0.0.1", port=mosquitto.port,
@@ -88,7 +91,7 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
         influx=over.pop("influx", None) or InfluxSettings(
             url=server.url, database=db or f"t_{secrets.token_hex(4)}", flush_interval_s=0.1,
             spool_dir=Path(tempfile.mkdtemp(prefix="gw-spool-"))),
-        api=ApiSettings(port=free_port()),
+        api=over.pop("api", None) or ApiSettings(port=free_port(), allow_anonymous=True),
         programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, min_release_s=1, start_expiry_s=5),
         watchdog=over.pop("watchdog", WatchdogSettings(telemetry_loss_floor_s=1.0)),
         command_ack_timeout_s=over.pop("command_ack_timeout_s", 5),
@@ -101,14 +104,17 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
 
 @contextlib.asynccontextmanager
 async def running_gateway(settings: GatewaySettings, influx: LocalInflux,
-                          clinic_prefix: str | None = None) -> AsyncIterator[RunningGateway]:
-    """A gateway with its API on a free port, shut down (bounded) on exit."""
+                          clinic_prefix: str | None = None, token: str | None = None
+                          ) -> AsyncIterator[RunningGateway]:
+    """A gateway with its API on a free port, shut down (bounded) on exit; `api` sends
+    `token` as its bearer token when given."""
     gw = Gateway(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(gw, stop))
     base = f"http://127.0.0.1:{settings.api.port}"
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=20) as api:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(base_url=base, timeout=20, headers=headers) as api:
             async with asyncio.timeout(10):
                 await gw.ready.wait()
             deadline = time.monotonic() + 10

@@ -16,8 +16,12 @@ from gateway.settings import ApiSettings, GatewaySettings
 
 
 def client(token: str | None = None) -> TestClient:
-    settings = GatewaySettings(api=ApiSettings(token=SecretStr(token) if token else None))
-    return TestClient(create_app(Gateway(settings)))
+    """With a token, the simple setup; without, an API open on purpose (allow_anonymous)."""
+    api = ApiSettings(token=SecretStr(token)) if token else ApiSettings(allow_anonymous=True)
+    return TestClient(create_app(Gateway(GatewaySettings(api=api))))
+
+
+OPEN = GatewaySettings(api=ApiSettings(allow_anonymous=True))
 
 
 def test_openapi_lists_the_control_routes() -> None:
@@ -55,7 +59,7 @@ def test_unknown_boot_and_bad_requests() -> None:
 
 
 def test_commands_without_a_broker_answer_503() -> None:
-    gw = Gateway(GatewaySettings())
+    gw = Gateway(OPEN)
     gw.fleet.upsert_state("c1", "b1", BootState(
         online=True, firmware="f", chambers=1, zones=["calf"], max_pressure_mmhg=120,
         telemetry_period_s=0.5, ts=0), now=0, clinic_ceiling=100)
@@ -69,7 +73,7 @@ def test_commands_without_a_broker_answer_503() -> None:
 def test_non_finite_numbers_in_a_body_are_a_clear_422_not_a_500() -> None:
     """JSON's NaN/Infinity extensions parse, then fail validation: the answer names the field
     and does not echo the input (which could not even be serialised back)."""
-    c = TestClient(create_app(Gateway(GatewaySettings())), raise_server_exceptions=False)
+    c = TestClient(create_app(Gateway(OPEN)), raise_server_exceptions=False)
     program = (b'{"custom": {"name": "x", "targets_mmhg": [NaN], "duration_s": 600, '
                b'"timing": {"inflate_s": 1, "hold_s": 1, "deflate_s": 1, "pause_s": 1}}}')
     for path, body in (("/api/v1/boots/c1/b1/session", program),

@@ -48,10 +48,13 @@ async def test_bad_input_is_counted_logged_and_harmless(
 
         async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="bad-actor",
                                   protocol=aiomqtt.ProtocolVersion.V5) as raw:
-            for name in (f"boots/v1/{clinic}/victim/bogus",
-                         f"boots/v1/{clinic}/vic/tim/telemetry",
+            # Bad ids on the channels the gateway reads (it subscribes to the four boot
+            # channels only, what the broker's ACL lets it read: a bogus channel or a topic
+            # of another depth never reaches it).
+            for name in (f"boots/v1/{clinic}/victim.x/state",
+                         f"boots/v1/{clinic}.x/victim/telemetry",
                          f"boots/v1/{clinic}/vic tim/telemetry",
-                         "boots/v1/only-three-levels"):
+                         f"boots/v1/{clinic}/{'v' * 65}/event"):
                 await raw.publish(name, json.dumps(sample).encode(), qos=1)
 
         rejected = gateway.gw.stats.rejected

@@ -43,7 +43,7 @@ GATEWAY_HEALTH_FIELDS = {
     "vents_confirmed", "safety_events", "loop_lag_max_ms", "boots_online", "boots_in_session"}
 REQUIRED_ALERTS = {"boots-vent", "boots-vent-not-confirmed", "boots-offline-in-session",
                    "boots-gateway-broker-lost", "boots-gateway-influx-lost",
-                   "boots-gateway-no-health"}
+                   "boots-gateway-no-health", "boots-gateway-storage-fault"}
 
 
 gen = grafana_generator()

@@ -514,7 +514,7 @@ def test_boot_status_table_has_every_boot_with_its_state(run: Snapshot) -> None:
         assert rows[key]["Last seen"] is not None, key  # every boot sent telemetry
         assert rows[key]["max_p"] is not None, key
     running = rows[(run.c2, "b4")]
-    assert (running["outcome"], running["program"]) == ("started", "test_short")
+    assert (running["outcome"], running["program_name"]) == ("started", "test_short")
     assert running["session_id"] and running["phase"] != "idle"
     assert rows[(run.c1, "b1")]["outcome"] == "completed"
     assert rows[(run.c2, "b5")]["outcome"] == "vented"
@@ -551,8 +551,9 @@ def test_session_outcomes_per_program(run: Snapshot) -> None:
     series = _panel_query(run, "boots-safety-sessions", "Sessions per program and outcome",
                           {"clinic": "$__all"})
     counts = {(s["tags"]["program"], s["tags"]["outcome"]): s["values"][0][1] for s in series}
-    assert counts == {("test_short", "completed"): 1, ("test_short", "vented"): 3,
-                      ("test_short", "user_stop"): 1, ("test_short", "stopped"): 1}
+    # a custom program: its name is a field, the tag a closed vocabulary (docs/schema.md §2.4)
+    assert counts == {("custom", "completed"): 1, ("custom", "vented"): 3,
+                      ("custom", "user_stop"): 1, ("custom", "stopped"): 1}
 
 
 def test_reaction_times_are_measured(run: Snapshot) -> None:
@@ -579,7 +580,8 @@ def test_boot_alert_rules_fire_for_exactly_the_boots_concerned(
 
 def test_gateway_alert_rules_are_quiet_while_the_gateway_is_healthy(run: Snapshot) -> None:
     for uid in ("boots-gateway-broker-lost", "boots-gateway-influx-lost",
-                "boots-gateway-no-health", "boots-gateway-points-lost"):
+                "boots-gateway-no-health", "boots-gateway-points-lost",
+                "boots-gateway-storage-fault"):
         assert evaluate(_rules()[uid], _alert_query(run)) == set(), uid
 
 
@@ -589,14 +591,15 @@ def test_gateway_alert_rules_fire_on_lost_links_lost_points_and_silence(run: Sna
                timeout=10).raise_for_status()
     now = int(time.time() * 1000)
     lines = [f"gateway_health,gateway=gw-bad mqtt_connected=0i,influx_connected={c}i,"
-             f"points_dropped={d}i,points_refused=0i,queue_depth=0i {now - ago}"
-             for ago, c, d in ((20_000, 1, 0), (10_000, 0, 5), (1_000, 1, 5))]
+             f"points_dropped={d}i,points_refused=0i,queue_depth=0i,spool_fault={f}i "
+             f"{now - ago}"
+             for ago, c, d, f in ((20_000, 1, 0, 0), (10_000, 0, 5, 0), (1_000, 1, 5, 1))]
     httpx.post(f"{run.influx.url}/write", params={"db": db, "precision": "ms"},
                content="\n".join(lines), timeout=10).raise_for_status()
     gw_bad = frozenset({("gateway", "gw-bad")})
     rules = _rules()
     for uid in ("boots-gateway-broker-lost", "boots-gateway-influx-lost",
-                "boots-gateway-points-lost"):
+                "boots-gateway-points-lost", "boots-gateway-storage-fault"):
         assert evaluate(rules[uid], _alert_query(run, db)) == {gw_bad}, uid
     assert evaluate(rules["boots-gateway-no-health"], _alert_query(run, db)) == set()
 
@@ -631,7 +634,7 @@ def test_boot_status_computes_remaining_time_once_elapsed_is_stored() -> None:
     frames = {"A": {"Time": [2_000], **boot, "seq": [7], "phase": ["hold"],
                     "session_id": ["s-1"], "max_p": [55.0], "session_elapsed_s": [100.0]},
               "B": {"Time": [1_000], **boot, "online": [1], "firmware": ["f"]},
-              "C": {"Time": [1_500], **boot, "session": ["s-1"], "program": ["p"],
+              "C": {"Time": [1_500], **boot, "session": ["s-1"], "program_name": ["p"],
                     "outcome": ["started"], "planned_s": [600.0]}}
     (table,) = transform(panel, frames)
     (row,) = _rows(table)

@@ -119,6 +119,7 @@ async def test_a_journalled_session_nobody_reports_is_recorded_lost(
     async with running_gateway(settings, influx) as gw:
         await wait_for(lambda: gw.count(
             "SELECT count(session_id) FROM session WHERE outcome = 'lost'"), 10, "'lost' stored")
-        rows = gw.query("SELECT session_id, outcome, program FROM session")[0]["values"]
-        assert [r[1:] for r in rows] == [["s-lost-1", "lost", "test_short"]]
+        rows = gw.query("SELECT session_id, outcome, program, program_name FROM session"
+                        )[0]["values"]
+        assert [r[1:] for r in rows] == [["s-lost-1", "lost", "custom", "test_short"]]
     assert SessionJournal(journal).load() == {}

@@ -29,6 +29,8 @@ import pytest
 from device_sim.local_stack import LocalInflux
 from gateway import points
 from gateway.alarms import VENT_RESOLVED, AlarmBook
+from gateway.api_users import Role
+from gateway.audit import AuditAction, AuditEvent, AuditResult, audit_point
 from gateway.commands import CommandOutcome, TrackedCommand
 from gateway.contract import (
     Alarm,
@@ -48,10 +50,20 @@ from gateway.contract import (
     Telemetry,
     TopicAddress,
 )
-from gateway.fleet import Boot, Fleet, Session, SessionOutcome, SessionStatus
+from gateway.fleet import (
+    PROGRAM_CUSTOM,
+    PROGRAM_UNKNOWN,
+    Boot,
+    Fleet,
+    Session,
+    SessionOutcome,
+    SessionStatus,
+    catalogue_key,
+)
 from gateway.lineprotocol import Point, encode_batch
+from gateway.programs import CATALOGUE
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, InfluxSettings
+from gateway.settings import GatewaySettings, InfluxSettings, ProgramLimits
 from gateway.watchdog import RULE_NUMBER, Rule, SafetyAction, VentConfirmed, Watchdog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +89,16 @@ def program(name: str, duration_s: float, targets: list[float]) -> SessionProgra
                           timing=ProgramTiming(inflate_s=5, hold_s=10, deflate_s=5, pause_s=5))
 
 
-LYMPH = program("lymph-30", 1800, [60.0, 55.0, 50.0, 45.0])
-RECOVERY = program("recovery-20", 1200, [70.0, 65.0, 60.0, 55.0])
+LIMITS = ProgramLimits()
+DOMS = CATALOGUE["doms_24_48h"].resolve(4, LIMITS)  # a catalogue program: tag doms_24_48h
+RECOVERY = program("recovery-20", 1200, [70.0, 65.0, 60.0, 55.0])  # a clinic's own: custom
+
+
+def new_session(session_id: str, prog: SessionProgram | None, cmd_id: str,
+                requested_at: float, *args: Any) -> Session:
+    """A session as the gateway makes one: its catalogue program recognised (fleet.py)."""
+    return Session(session_id, prog, cmd_id, requested_at, *args,
+                   catalogue=catalogue_key(prog, LIMITS))
 
 
 @dataclass
@@ -118,8 +138,8 @@ class Clinic:
 
     def start(self, boot: Boot, session_id: str, prog: SessionProgram | None, at: float
               ) -> Session:
-        sess = Session(session_id, prog, f"c-{session_id[2:]}", at - 0.4,
-                       SessionStatus.RUNNING, at)
+        sess = new_session(session_id, prog, f"c-{session_id[2:]}", at - 0.4,
+                           SessionStatus.RUNNING, at)
         boot.session = sess
         self.session(boot, sess, "started", at)
         return sess
@@ -135,7 +155,7 @@ class Clinic:
         self.session(boot, sess, outcome, at, ended_at=at if duration else None)
 
     def rejected(self, boot: Boot, session_id: str, prog: SessionProgram, at: float) -> None:
-        sess = Session(session_id, prog, f"c-{session_id[2:]}", at - 0.3)
+        sess = new_session(session_id, prog, f"c-{session_id[2:]}", at - 0.3)
         self.session(boot, sess, SessionOutcome.REJECTED.value, at)
 
     def session(self, boot: Boot, sess: Session, outcome: str, at: float,
@@ -233,17 +253,17 @@ def june_2nd(c: Clinic) -> None:
     b12 = c.boot(CLINIC, "boot-012", at=t - 5 * 24 * H)
     b101 = c.boot(OTHER_CLINIC, "boot-101", at=t - 5 * 24 * H)
 
-    late = c.start(b7, "s-5e0c6a1f2a99", LYMPH, t - 3 * H)  # 21:00 on 1 June
+    late = c.start(b7, "s-5e0c6a1f2a99", DOMS, t - 3 * H)  # 21:00 on 1 June
     c.end(b7, late, "completed", t - 2.5 * H)  # 21:30: the day before
     night = c.start(b12, "s-5e0c6a1f2b00", RECOVERY, t - 0.25 * H)  # 23:45 on 1 June
     c.end(b12, night, "stopped", t + 0.25 * H)  # 00:15 on 2 June: counts for the 2nd
 
-    s1 = c.start(b7, "s-5e0c6a1f2b01", LYMPH, t + 9 * H)
+    s1 = c.start(b7, "s-5e0c6a1f2b01", DOMS, t + 9 * H)
     for i, phase in enumerate((Phase.INFLATE, Phase.HOLD, Phase.DEFLATE)):
         c.telemetry(b7, t + 9 * H + 10 * i, 1000 + i, phase, [58.0 - i, 50.0, 41.0, 30.0], s1)
     c.end(b7, s1, "completed", t + 9.5 * H)
 
-    s2 = c.start(b7, "s-5e0c6a1f2b02", LYMPH, t + 11 * H)
+    s2 = c.start(b7, "s-5e0c6a1f2b02", DOMS, t + 11 * H)
     c.resume(b7, s2, t + 11.2 * H)  # the gateway restarted mid-session
     c.event(b7, EventKind.USER_STOP, t + 11.3 * H, s2.session_id, "tingling")
     c.safety(b7, action(Rule.USER_STOP, Severity.MEDIUM, "stopped by the user at the boot: "
@@ -266,10 +286,10 @@ def june_2nd(c: Clinic) -> None:
     s5 = c.start(b12, "s-5e0c6a1f2b05", RECOVERY, t + 14 * H)
     c.end(b12, s5, "lost", t + 14.2 * H, duration=False)  # the boot rebooted mid-session
 
-    s6 = c.start(b7, "s-5e0c6a1f2b06", LYMPH, t + 23.5 * H)  # 23:30
+    s6 = c.start(b7, "s-5e0c6a1f2b06", DOMS, t + 23.5 * H)  # 23:30
     c.end(b7, s6, "completed", t + 24.1 * H)  # 00:06 on 3 June: not the 2nd's
 
-    other = c.start(b101, "s-77aa00bb11c0", LYMPH, t + 9 * H)
+    other = c.start(b101, "s-77aa00bb11c0", DOMS, t + 9 * H)
     c.end(b101, other, "completed", t + 9.5 * H)
 
 
@@ -283,13 +303,13 @@ def last_hour(c: Clinic) -> None:
     b101 = c.boot(OTHER_CLINIC, "boot-101", at=now - 24 * H)
 
     # boot-007: a start nobody acknowledged, an over-target vent, a hard-ceiling vent
-    failed = Session("s-9f00aa000001", LYMPH, "c-9f00aa000001", now - 3 * H)
+    failed = new_session("s-9f00aa000001", DOMS, "c-9f00aa000001", now - 3 * H)
     c.command(b7, CommandKind.START, "c-9f00aa000001", now - 3 * H,
               [(CommandOutcome.FAILED, 15.0)], start=failed)
     c.end(b7, failed, "failed", now - 3 * H + 15, duration=False)
     c.fault(b7, "not_json", "not JSON: Expecting value: line 1 column 1 (char 0)", now - 3 * H)
     c.fault(b7, "not_json", "not JSON: Expecting value: line 1 column 1 (char 0)", now - 2 * H)
-    early = c.start(b7, "s-9f00aa000002", LYMPH, now - 2.2 * H)
+    early = c.start(b7, "s-9f00aa000002", DOMS, now - 2.2 * H)
     a0 = c.safety(b7, action(Rule.OVER_TARGET, Severity.HIGH, "chamber 1 at 72.5 mmHg above "
                              "target 60 + 10 mmHg for 3 samples", chamber=1, value=72.5,
                              limit=70.0), now - 2 * H)
@@ -300,7 +320,7 @@ def last_hour(c: Clinic) -> None:
     assert a0 is not None
     c.ack(a0, "nurse", now - 1.9 * H)
 
-    s1 = c.start(b7, "s-9f00aa000004", LYMPH, now - 1.0 * H + 300)
+    s1 = c.start(b7, "s-9f00aa000004", DOMS, now - 1.0 * H + 300)
     a1 = c.safety(b7, action(Rule.HARD_CEILING, Severity.HIGH, "chamber 2 at 131.5 mmHg above "
                              "the ceiling of 120 mmHg", chamber=2, value=131.5, limit=120.0),
                   now - 40 * 60)
@@ -343,14 +363,14 @@ def last_hour(c: Clinic) -> None:
     c.keep(a4=a4)
 
     # boot-013: the user's stop button, then offline in the middle of the next session
-    s4 = c.start(b13, "s-9f00aa00000b", LYMPH, now - 55 * 60)
+    s4 = c.start(b13, "s-9f00aa00000b", DOMS, now - 55 * 60)
     c.event(b13, EventKind.USER_STOP, now - 45 * 60, s4.session_id, "pain")
     a2 = c.safety(b13, action(Rule.USER_STOP, Severity.MEDIUM, "stopped by the user at the "
                               "boot: pain", vent=False), now - 45 * 60)
     c.end(b13, s4, "user_stop", now - 45 * 60)
     assert a2 is not None
     c.keep(a2=c.ack(a2, "front desk", now - 44 * 60))  # cleared: nothing left to do
-    s5 = c.start(b13, "s-9f00aa00000c", LYMPH, now - 35 * 60)
+    s5 = c.start(b13, "s-9f00aa00000c", DOMS, now - 35 * 60)
     c.boot(CLINIC, "boot-013", online=False, at=now - 25 * 60)
     a5 = c.safety(b13, action(Rule.OFFLINE_IN_SESSION, Severity.HIGH, "boot went offline during "
                               "a session; it must vent by itself"), now - 25 * 60)
@@ -369,7 +389,7 @@ def last_hour(c: Clinic) -> None:
     c.fault(b14, "boot_fault", "pump temperature high", now - 6 * H)
 
     # clinic-b: not clinic-a's business
-    s7 = c.start(b101, "s-77aa00bb11c1", LYMPH, now - 30 * 60)
+    s7 = c.start(b101, "s-77aa00bb11c1", DOMS, now - 30 * 60)
     a6 = c.safety(b101, action(Rule.HARD_CEILING, Severity.HIGH, "chamber 1 at 125.0 mmHg above "
                                "the ceiling of 120 mmHg", chamber=1, value=125.0, limit=120.0),
                   now - 10 * 60)
@@ -431,6 +451,47 @@ def legacy_alarms(now: float) -> list[Point]:
             old("a-0ld000000002", "active", False, now - 2 * 24 * H, now - 2 * 24 * H)]
 
 
+AUDIT: list[tuple[float, AuditEvent]] = [  # (seconds before now, record)
+    (2 * 24 * H, AuditEvent("ops-anna", "ops", AuditAction.BOOT_ADD, AuditResult.DONE,
+                            CLINIC, "boot-014", "broker account added")),
+    (30 * 60, AuditEvent("desk-1", "front_desk", AuditAction.SESSION_START, AuditResult.DONE,
+                         CLINIC, "boot-007", "program doms_24_48h: accepted",
+                         {"cmd_id": "c-9f00aa0000a1", "session_id": "s-9f00aa0000a1"})),
+    (20 * 60, AuditEvent("mgr-1", "manager", AuditAction.SESSION_START, AuditResult.REFUSED,
+                         CLINIC, "boot-012", "role manager may not session_start")),
+    (15 * 60, AuditEvent("desk-1", "front_desk", AuditAction.VENT, AuditResult.DONE, CLINIC,
+                         "boot-012", "patient asked: accepted",
+                         {"cmd_id": "v-9f00aa0000a2", "session_id": "s-9f00aa000007"})),
+    (12 * 60, AuditEvent("desk-1", "front_desk", AuditAction.ALARM_ACK, AuditResult.REFUSED,
+                         None, None, "role front_desk may not alarm_ack",
+                         {"alarm_id": "a-9f00aa0000a3"})),
+    (10 * 60, AuditEvent("mgr-1", "manager", AuditAction.ALARM_ACK, AuditResult.DONE, CLINIC,
+                         "boot-013", "offline_in_session acknowledged; note: nurse",
+                         {"alarm_id": "a-9f00aa0000a3"})),
+    (5 * 60, AuditEvent("desk-2", "front_desk", AuditAction.SESSION_START, AuditResult.REFUSED,
+                        OTHER_CLINIC, "boot-101", "program doms_24_48h: device offline")),
+    (4 * 60, AuditEvent("desk-2", "front_desk", AuditAction.SESSION_STOP, AuditResult.FAILED,
+                        OTHER_CLINIC, "boot-101", "the gateway is not connected to the broker")),
+]
+
+
+def audit_trail(c: Clinic) -> None:
+    """What the API and the provisioning command recorded (gateway/audit.py)."""
+    for before, event in AUDIT:
+        c.add(audit_point(event, ms(c.day.now - before) * 1000))
+
+
+def _audit_clinic_day(day: Day) -> list[dict[str, Any]]:
+    out = []
+    for before, e in sorted(AUDIT, key=lambda a: a[0]):
+        if e.clinic == CLINIC and before < 24 * H:
+            out.append({"time": ms(day.now - before), "actor": e.actor, "role": e.role,
+                        "action": e.action.value, "result": e.result.value, "device": e.device,
+                        "cmd_id": e.ids.get("cmd_id"), "session_id": e.ids.get("session_id"),
+                        "alarm_id": e.ids.get("alarm_id"), "detail": e.detail})
+    return out
+
+
 async def build_day(now: float) -> Day:
     """Async only because a TrackedCommand holds a future of the running loop."""
     day = Day(now)
@@ -440,6 +501,7 @@ async def build_day(now: float) -> Day:
     for name, a in list(day.alarms.items()):
         day.alarms[name] = c.book.get(a.alarm_id) or a  # the latest state
     health(c)
+    audit_trail(c)
     return day
 
 
@@ -561,16 +623,19 @@ def _vents(day: Day) -> list[dict[str, Any]]:
 def _sessions_today(day: Day) -> list[dict[str, Any]]:
     t = DAY_START_S * 1000
     h = 3_600_000
-    def row(at: int, device: str, sid: str, prog: str, outcome: str, duration: float | None,
+    def row(at: int, device: str, sid: str, name: str, outcome: str, duration: float | None,
             planned: float) -> dict[str, Any]:
+        prog = name if name in CATALOGUE else PROGRAM_CUSTOM
         return {"time": at, "device": device, "session_id": sid, "program": prog,
-                "outcome": outcome, "duration_s": duration, "planned_s": planned}
+                "program_name": name, "outcome": outcome, "duration_s": duration,
+                "planned_s": planned}
     return [
         row(t + h // 4, "boot-012", "s-5e0c6a1f2b00", "recovery-20", "stopped", 1800, 1200),
-        row(t + 19 * h // 2, "boot-007", "s-5e0c6a1f2b01", "lymph-30", "completed", 1800, 1800),
+        row(t + 19 * h // 2, "boot-007", "s-5e0c6a1f2b01", "doms_24_48h", "completed", 1800,
+            1800),
         row(t + 10 * h + 62_000, "boot-012", "s-5e0c6a1f2b03", "recovery-20", "vented", 62,
             1200),
-        row(t + 113 * h // 10, "boot-007", "s-5e0c6a1f2b02", "lymph-30", "user_stop", 1080,
+        row(t + 113 * h // 10, "boot-007", "s-5e0c6a1f2b02", "doms_24_48h", "user_stop", 1080,
             1800),
         row(t + 12 * h, "boot-012", "s-5e0c6a1f2b04", "recovery-20", "rejected", None, 1200),
         row(t + 142 * h // 10, "boot-012", "s-5e0c6a1f2b05", "recovery-20", "lost", None, 1200),
@@ -644,14 +709,14 @@ EXPECTED: dict[str, Expect] = {
     "sessions-today": Expect(_sessions_today, also=_sessions_today_ids_are_terminal),
     "running-sessions": Expect(lambda d: [
         {"time": ms(d.now - 30 * 60), "device": "boot-007", "outcome": "started",
-         "program": "recovery-20", "session_id": "s-9f00aa000006"},
+         "program": "custom", "program_name": "recovery-20", "session_id": "s-9f00aa000006"},
         {"time": ms(d.now - 8 * 60), "device": "boot-014", "outcome": "resumed",
-         "program": "recovery-20", "session_id": "s-9f00aa00000e"}]),
+         "program": "custom", "program_name": "recovery-20", "session_id": "s-9f00aa00000e"}]),
     "outcomes-per-program": Expect(lambda d: [
         {"program": p, "outcome": o, "sessions": n}
-        for p, o, n in (("lymph-30", "completed", 3), ("lymph-30", "user_stop", 1),
-                        ("recovery-20", "stopped", 1), ("recovery-20", "vented", 1),
-                        ("recovery-20", "rejected", 1), ("recovery-20", "lost", 1))],
+        for p, o, n in (("doms_24_48h", "completed", 3), ("doms_24_48h", "user_stop", 1),
+                        ("custom", "stopped", 1), ("custom", "vented", 1),
+                        ("custom", "rejected", 1), ("custom", "lost", 1))],
         ordered=False, timeless=True),
     "alarms-unacknowledged": Expect(lambda d: [
         _alarm_row(d.alarms[n], *UNACKED) for n in ("a1", "a4")], ordered=False),
@@ -678,6 +743,12 @@ EXPECTED: dict[str, Expect] = {
              "write_errors")}}]),
     "gateway-message-rate": Expect(_message_rate),
     "alarm-cardinality": Expect(lambda d: [{"count": 10}], also=_one_id_per_alarm),
+    "audit-clinic-day": Expect(_audit_clinic_day),
+    "audit-refused-per-actor": Expect(lambda d: [
+        {"actor": "mgr-1", "action": "session_start", "refused": 1},
+        {"actor": "desk-1", "action": "alarm_ack", "refused": 1},
+        {"actor": "desk-2", "action": "session_start", "refused": 1}],
+        ordered=False, timeless=True),
 }
 
 
@@ -743,7 +814,7 @@ def _schema_literals() -> set[str]:
 
 def test_the_day_uses_every_point_function() -> None:
     day = asyncio.run(build_day(1_800_000_000.0))
-    assert {p.measurement for p in day.points} == set(_point_functions())
+    assert {p.measurement for p in day.points} == set(_point_functions()) | {"audit"}
 
 
 def test_every_name_the_gateway_writes_is_documented() -> None:
@@ -776,8 +847,12 @@ def test_every_value_of_the_closed_vocabularies_is_documented() -> None:
         "command outcome": {o.value for o in CommandOutcome},
         "alarm state": {s.value for s in AlarmState},
         "session outcome": {o.value for o in SessionOutcome} | {"started", "resumed"},
+        "session program": set(CATALOGUE) | {PROGRAM_CUSTOM, PROGRAM_UNKNOWN},
         "boot_event kind": {k.value for k in EventKind},
         "device_fault kind": {*payload_kinds, "unknown_ack", "boot_fault", "implausible_data"},
+        "audit action": {a.value for a in AuditAction},
+        "audit result": {r.value for r in AuditResult},
+        "audit role": {r.value for r in Role},
     }
     # the sets the document promises, whether or not this version writes them all yet
     assert vocabularies["phase"] >= {"idle", "inflate", "hold", "deflate", "pause", "vent"}
@@ -789,7 +864,7 @@ def test_every_value_of_the_closed_vocabularies_is_documented() -> None:
     assert not any(missing.values()), missing
     day = asyncio.run(build_day(1_800_000_000.0))
     for p in day.points:  # and the day's tag values are among them
-        for key in ("phase", "rule", "severity", "state"):
+        for key in ("phase", "rule", "severity", "state", "program"):
             if key in p.tags:
                 assert f"`{p.tags[key]}`" in doc, (p.measurement, key, p.tags[key])
     assert {a.action for a in (

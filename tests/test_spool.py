@@ -219,7 +219,7 @@ def test_torn_tail_is_dropped_and_earlier_records_replay(
     assert [b.body for b in drain(spool)] == [lp(i) for i in range(kept)] + [lp(9)]
 
 
-def test_corrupt_record_in_older_segment_skips_rest_of_it(
+def test_corrupt_record_in_older_segment_costs_that_record_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool = DiskSpool(tmp_path, 100_000, segment_bytes=3 * REC)
@@ -233,11 +233,11 @@ def test_corrupt_record_in_older_segment_skips_rest_of_it(
 
     with caplog.at_level(logging.ERROR, logger="gateway.spool"):
         spool = DiskSpool(tmp_path, 100_000, segment_bytes=3 * REC)
-    assert spool.stats.torn_records_dropped == 1
-    assert spool.stats.torn_bytes_dropped == 2 * REC
+    assert spool.stats.records_corrupt == 1 and spool.stats.torn_records_dropped == 0
+    assert spool.stats.corrupt_bytes_skipped == REC
     assert any(r.levelno == logging.ERROR for r in caplog.records)
-    assert spool.pending_batches == 7 and spool.pending_points == 21
-    assert [b.body for b in drain(spool)] == [lp(i) for i in (0, 3, 4, 5, 6, 7, 8)]
+    assert spool.pending_batches == 8 and spool.pending_points == 24
+    assert [b.body for b in drain(spool)] == [lp(i) for i in (0, 2, 3, 4, 5, 6, 7, 8)]
 
 
 def test_corrupt_record_mid_last_segment_is_an_error_not_a_tear(
@@ -254,9 +254,10 @@ def test_corrupt_record_mid_last_segment_is_an_error_not_a_tear(
     with caplog.at_level(logging.WARNING, logger="gateway.spool"):
         spool = DiskSpool(tmp_path, 100_000)
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
-    assert spool.stats.torn_records_dropped == 1
-    assert spool.stats.torn_bytes_dropped == 2 * REC
-    assert [b.body for b in drain(spool)] == [lp(0)]
+    assert spool.stats.torn_records_dropped == 0 and spool.stats.records_corrupt == 1
+    assert spool.stats.corrupt_bytes_skipped == REC
+    assert seg.stat().st_size == 3 * REC  # not truncated: the record after it is intact
+    assert [b.body for b in drain(spool)] == [lp(0), lp(2)]
 
 
 def test_corruption_after_open_is_dropped_at_peek(tmp_path: Path) -> None:
@@ -268,7 +269,7 @@ def test_corruption_after_open_is_dropped_at_peek(tmp_path: Path) -> None:
         f.seek(REC + HEADER_SIZE)
         f.write(b"X")
     assert [b.body for b in drain(spool)] == [lp(0), lp(2)]
-    assert spool.stats.torn_records_dropped == 1
+    assert spool.stats.records_corrupt == 1
     assert spool.pending_batches == 0 and spool.pending_bytes == 0
 
 

@@ -62,8 +62,8 @@ async def test_retryable_answers_spool_the_batch_and_back_off(
     tmp_path: Path, status: int, headers: dict[str, str], at_least_s: float
 ) -> None:
     """An HTTP policy test: no database involved, the answer is the point."""
-    settings = InfluxSettings(url="http://influx", flush_interval_s=0.05, retry_min_s=0.1,
-                              spool_dir=tmp_path / "spool")
+    settings = InfluxSettings(url="http://influx", allow_plaintext=True, flush_interval_s=0.05,
+                              retry_min_s=0.1, spool_dir=tmp_path / "spool")
     writer = InfluxWriter(settings, client=answering(status, headers))
     writer.start()
     try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from gateway.contract import (
     BootEvent,
@@ -410,12 +412,111 @@ def test_silence_exactly_at_the_limit_does_not_vent() -> None:
     assert [(a.rule, a.value) for a in dog.on_tick(w, 4.125)] == [(Rule.TELEMETRY_LOSS, 3.125)]
 
 
-def test_telemetry_loss_is_held_while_the_gateway_catches_up() -> None:
-    dog = Watchdog(LIMITS)
+# Rule 5 with input unread in the gateway's socket. Ticks of 1/8 s and binary fractions, so
+# "exactly the grace" is exact in floating point.
+BACKLOG_LIMITS = LIMITS.model_copy(update={"tick_interval_s": 0.125,
+                                           "receive_backlog_grace_s": 1.0})
+
+
+def silent_since_1s(limits: WatchdogSettings = BACKLOG_LIMITS) -> tuple[Watchdog, BootWatch]:
+    """A boot in session whose last sample arrived at 1 s: silence limit 3 s, due at 4 s."""
+    dog = Watchdog(limits)
     w = in_session(dog, watch(period=0.5), now=0.0)
     dog.on_telemetry(w, sample(TARGETS), 1.0)
-    assert dog.on_tick(w, 5.0, check_silence=False) == []
-    assert [a.rule for a in dog.on_tick(w, 5.1)] == [Rule.TELEMETRY_LOSS]
+    return dog, w
+
+
+def test_past_the_limit_with_nothing_unread_the_vent_is_immediate() -> None:
+    """Nothing waits in the socket: the boot's samples are not there, it is silent."""
+    dog, w = silent_since_1s()
+    [a] = dog.on_tick(w, 4.0625, backlog=False)
+    assert (a.rule, a.vent, a.value, a.limit) == (Rule.TELEMETRY_LOSS, True, 3.062, 3.0)
+    assert a.detail == "no telemetry for 3.1 s in session (limit 3 s)"
+
+
+def test_unread_input_defers_the_vent_by_the_grace_and_no_longer() -> None:
+    """Input waiting in the socket may hold the boot's samples: rule 5 waits for it, but the
+    grace runs from the end of the limit (4 s here), however long the input keeps coming."""
+    dog, w = silent_since_1s()
+    for t in (4.0625, 4.5, 4.9375, 5.0):  # 5.0: exactly the grace past the limit
+        assert dog.on_tick(w, t, backlog=True) == [], t
+    [a] = dog.on_tick(w, 5.0625, backlog=True)
+    assert (a.rule, a.vent, a.value, a.limit) == (Rule.TELEMETRY_LOSS, True, 4.062, 3.0)
+    assert a.detail == ("no telemetry for 4.1 s in session (limit 3 s, input still unread "
+                        "after the 1 s grace)")
+    assert dog.on_tick(w, 6.0, backlog=True) == []  # one vent per silence (then rule 8)
+
+
+def test_a_vent_deferred_for_a_backlog_goes_out_once_the_socket_is_read() -> None:
+    """The backlog was read and held no sample of this boot: vent at that tick, within the
+    grace."""
+    dog, w = silent_since_1s()
+    assert dog.on_tick(w, 4.0625, backlog=True) == []
+    assert [a.rule for a in dog.on_tick(w, 4.1875, backlog=False)] == [Rule.TELEMETRY_LOSS]
+
+
+def test_after_a_stall_of_the_gateway_the_grace_starts_when_it_ticks_again() -> None:
+    """The gateway's own loop stood still from 1 s to 10 s: its first tick finds the boot far
+    past its limit, with everything sent meanwhile still unread. The grace is counted from
+    one tick before that tick (9.875 s), so the backlog has the time to drain; and the stall
+    itself switches nothing off: with nothing unread the vent is immediate."""
+    dog, w = silent_since_1s()
+    for t in (10.0, 10.5, 10.875):  # 10.875: exactly the grace from 9.875
+        assert dog.on_tick(w, t, backlog=True) == [], t
+    assert [a.rule for a in dog.on_tick(w, 10.9375, backlog=True)] == [Rule.TELEMETRY_LOSS]
+
+    dog, w = silent_since_1s()
+    assert [a.rule for a in dog.on_tick(w, 10.0, backlog=False)] == [Rule.TELEMETRY_LOSS]
+
+
+def test_a_sample_read_from_the_backlog_ends_the_silence_and_its_grace() -> None:
+    """The next silence gets a grace of its own, counted from its own limit; the grace of the
+    last one is not carried over, whether or not a tick ran in between."""
+    dog, w = silent_since_1s()
+    assert dog.on_tick(w, 4.0625, backlog=True) == []  # due since 4 s
+    dog.on_telemetry(w, sample(TARGETS, seq=1), 4.5)  # it was in the backlog
+    # no tick ran since that sample; the new silence is due at 7.5 s
+    assert dog.on_tick(w, 7.5625, backlog=True) == []
+    assert dog.on_tick(w, 8.5, backlog=True) == []
+    assert [a.rule for a in dog.on_tick(w, 8.5625, backlog=True)] == [Rule.TELEMETRY_LOSS]
+
+
+def test_a_new_session_gets_a_fresh_grace() -> None:
+    dog, w = silent_since_1s()
+    assert dog.on_tick(w, 4.0625, backlog=True) == []  # due since 4 s
+    dog.start_session(w, "s2", PROGRAM, 4.5)  # the silence clock restarts with the session
+    assert dog.on_tick(w, 7.5625, backlog=True) == []  # due since 7.5 s, not 4 s
+    assert [a.rule for a in dog.on_tick(w, 8.5625, backlog=True)] == [Rule.TELEMETRY_LOSS]
+
+
+def test_a_boot_back_within_its_limit_is_not_overdue_any_more() -> None:
+    """A tick that finds the boot inside its limit forgets an earlier overdue moment."""
+    dog, w = silent_since_1s()
+    assert dog.on_tick(w, 4.0625, backlog=True) == []  # due since 4 s
+    dog.start_session(w, "s2", PROGRAM, 4.5)
+    assert dog.on_tick(w, 5.0, backlog=True) == []  # inside the new limit
+    assert w.silence_due_since is None
+
+
+def test_a_deferred_rule_5_does_not_hold_rule_4() -> None:
+    dog = Watchdog(BACKLOG_LIMITS)
+    w = in_session(dog, watch(period=0.5), now=0.0)
+    dog.on_telemetry(w, sample(TARGETS), 635.0)
+    assert dog.on_tick(w, 636.0, backlog=True) == []
+    assert [a.rule for a in dog.on_tick(w, 638.5, backlog=True)] == [Rule.SESSION_OVERRUN]
+
+
+def test_with_no_grace_unread_input_defers_nothing() -> None:
+    dog, w = silent_since_1s(BACKLOG_LIMITS.model_copy(update={"receive_backlog_grace_s": 0.0}))
+    assert [a.rule for a in dog.on_tick(w, 4.0625, backlog=True)] == [Rule.TELEMETRY_LOSS]
+
+
+def test_the_backlog_grace_is_a_bounded_setting_with_a_safe_default() -> None:
+    assert WatchdogSettings().receive_backlog_grace_s == 1.0
+    for bad in (-0.1, 5.1):
+        with pytest.raises(ValueError):
+            WatchdogSettings(receive_backlog_grace_s=bad)
+    assert WatchdogSettings.model_fields["receive_backlog_grace_s"].description
 
 
 def test_telemetry_loss_limit_scales_with_period_and_has_a_floor() -> None:
@@ -750,3 +851,174 @@ def test_an_implausible_reading_names_the_limit_it_broke() -> None:
         [a] = dog.on_telemetry(w, sample([value, 0, 0, 0], 1), 1.0)
         assert isinstance(a, SafetyAction) and a.rule is Rule.IMPLAUSIBLE_DATA
         assert a.limit == limit, (value, a.limit)
+
+
+# ---------------------------------------------------------------- rule 5 under any traffic
+
+RULE5_LIMITS = BACKLOG_LIMITS.model_copy(update={"telemetry_loss_floor_s": 1.0})
+TICK = RULE5_LIMITS.tick_interval_s
+GRACE = RULE5_LIMITS.receive_backlog_grace_s
+JUNK = "junk"  # another client's messages (bad payloads, other boots) in the same socket
+
+
+class _ModelBoot:
+    def __init__(self, dog: Watchdog, name: str, period: float, offset: float) -> None:
+        self.name, self.period, self.next_send = name, period, offset
+        self.watch = watch(period=period)
+        dog.start_session(self.watch, "s1", None, 0.0)
+        self.limit = dog.silence_limit(self.watch)
+        self.silent = False
+        self.seq = 0
+        self.last_read = 0.0  # the silence clock starts with the session
+        self.first_overdue: float | None = None  # first tick that found it past its limit
+        self.vented_at: float | None = None
+
+
+class Rule5UnderAnyTraffic(RuleBasedStateMachine):
+    """Rule 5 in a model of the gateway's loop: two boots and any other traffic share one
+    socket (FIFO), read `capacity` messages per loop turn; the loop ticks every 1/8 s, or
+    stalls (no read, no tick) while the boots keep sending. Checked at every tick:
+
+    (a) no boot goes unvented later than limit + grace + one tick after the gateway received
+        its last sample, nor later than the grace after the first tick that found it past
+        its limit (the first tick after a stall): whatever the traffic, stalls and flags;
+    (b) unless the traffic outruns the reader (`overload`), a boot that keeps sending is never
+        vented for silence, however its samples are delayed by stalls and bursts.
+    """
+
+    @initialize(capacity=st.integers(4, 100), overload=st.booleans(),
+                periods=st.tuples(*[st.sampled_from([0.125, 0.25, 0.5])] * 2),
+                offsets=st.tuples(*[st.integers(0, 7)] * 2))
+    def setup(self, capacity: int, overload: bool, periods: tuple[float, float],
+              offsets: tuple[int, int]) -> None:
+        self.dog = Watchdog(RULE5_LIMITS)
+        self.capacity, self.overload = capacity, overload
+        self.quiet, self.steady = (_ModelBoot(self.dog, name, p, k / 64) for name, p, k in
+                                   zip(("quiet", "steady"), periods, offsets, strict=True))
+        self.boots = {b.name: b for b in (self.quiet, self.steady)}
+        self.socket: deque[list[object]] = deque()  # runs of [sender, count]
+        self.queued = 0
+        self.t = 0.0
+
+    # ------------------------------------------------------------------ the model's parts
+
+    def _put(self, sender: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        if self.socket and self.socket[-1][0] == sender:
+            self.socket[-1][1] += n  # type: ignore[operator]
+        else:
+            self.socket.append([sender, n])
+        self.queued += n
+
+    def _send_until(self, t: float) -> None:
+        for boot in self.boots.values():
+            while not boot.silent and boot.next_send <= t:
+                self._put(boot.name)
+                boot.next_send += boot.period
+
+    def _room(self) -> int:
+        """Without overload, the socket never holds more than 5 loop turns' worth."""
+        return 5 * self.capacity - self.queued
+
+    def _read(self) -> None:
+        budget = self.capacity
+        while budget and self.socket:
+            run = self.socket[0]
+            sender, n = run
+            take = min(budget, n)  # type: ignore[call-overload]
+            budget -= take
+            self.queued -= take
+            if take == n:
+                self.socket.popleft()
+            else:
+                run[1] = n - take  # type: ignore[operator]
+            if sender == JUNK:
+                continue
+            boot = self.boots[sender]  # type: ignore[index]
+            for _ in range(take):
+                boot.seq += 1
+                assert self.dog.on_telemetry(boot.watch, sample(SAFE, boot.seq), self.t) == []
+            boot.last_read, boot.first_overdue = self.t, None
+
+    def _tick(self) -> None:
+        backlog = self.queued > 0
+        for boot in self.boots.values():
+            if boot.vented_at is not None:
+                continue
+            overdue = self.t - boot.last_read > boot.limit
+            if overdue and boot.first_overdue is None:
+                boot.first_overdue = self.t
+            actions = self.dog.on_tick(boot.watch, self.t, backlog)
+            if any(isinstance(a, SafetyAction) and a.rule is Rule.TELEMETRY_LOSS
+                   for a in actions):
+                assert overdue, f"{boot.name} vented inside its limit at {self.t}"
+                assert self.overload or boot.silent, (
+                    f"{boot.name} vented at {self.t} while sending (last read "
+                    f"{boot.last_read}, {self.queued} unread)")
+                boot.vented_at = self.t
+            elif boot.first_overdue is not None:
+                bound = max(boot.last_read + boot.limit + TICK, boot.first_overdue) + GRACE
+                assert self.t < bound, (
+                    f"{boot.name} not vented at {self.t}: last sample read at "
+                    f"{boot.last_read}, limit {boot.limit}, first overdue at "
+                    f"{boot.first_overdue}, backlog {backlog}")
+
+    def _step(self, read_first: bool, flood: int) -> None:
+        self.t += TICK
+        self._send_until(self.t)
+        self._put(JUNK, flood)
+        if read_first:
+            self._read()
+        self._tick()
+        if not read_first:
+            self._read()
+
+    # ------------------------------------------------------------------ what can happen
+
+    @rule(steps=st.integers(1, 24), read_first=st.booleans(), flood=st.integers(0, 300))
+    def run(self, steps: int, read_first: bool, flood: int) -> None:
+        """The loop runs on time: each 1/8 s, a read and a tick in either order, with `flood`
+        other messages arriving per turn (at most half the reader's capacity unless
+        overload)."""
+        if not self.overload:
+            flood = min(flood, self.capacity // 2)
+        for _ in range(steps):
+            self._step(read_first, flood)
+
+    @rule(seconds=st.sampled_from([0.0625, 0.25, 0.5, 1.0, 1.5, 2.5, 4.0]))
+    def stall(self, seconds: float) -> None:
+        """The gateway's own loop stands still (CPU starvation, GC, a slow call): no read and
+        no tick, while the boots keep sending into the socket."""
+        if not self.overload:
+            rate = sum(seconds / b.period + 1 for b in self.boots.values() if not b.silent)
+            if rate > self._room():
+                return
+        self.t += seconds
+        self._send_until(self.t)
+
+    @rule(n=st.integers(1, 2000))
+    def burst(self, n: int) -> None:
+        """A burst of other messages lands in the socket at once."""
+        self._put(JUNK, n if self.overload else min(n, self._room()))
+
+    @precondition(lambda self: not self.quiet.silent)
+    @rule()
+    def go_silent(self) -> None:
+        self.quiet.silent = True
+
+    def teardown(self) -> None:
+        """A silent boot whose last sample has been read is vented, once time runs on."""
+        if not getattr(self, "quiet", None) or not self.quiet.silent or any(
+                run[0] == self.quiet.name for run in self.socket):
+            return
+        for _ in range(200):
+            if self.quiet.vented_at is not None:
+                break
+            self._step(True, 0)
+        assert self.quiet.vented_at is not None
+
+
+Rule5UnderAnyTraffic.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None)
+test_rule_5_under_any_traffic = Rule5UnderAnyTraffic.TestCase
