@@ -74,7 +74,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
             "gateway_peak_rss_mb": round(rss_mb(st.gw.pid), 1),
             "gateway_rss_during_outage_max_mb": round(max(rss_samples), 1),
             "storage_queue_peak": stats["storage_queue_peak"],
-            "points_dropped": stats["points_dropped"] + stats["points_dropped_spool_full"],
+            "points_dropped": stats["points_dropped"],  # every cause, spool full included
         }
 
 

@@ -197,4 +197,4 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
     st = gateway.stats
     w = gateway.writer.stats
     _line(out, f"\ngateway  messages {dict(st.messages)}  rejected {dict(st.rejected) or 0}  "
-          f"points written {w.points_written}  dropped {w.points_dropped_queue_full}")
+          f"points written {w.points_written}  dropped {w.points_dropped}")

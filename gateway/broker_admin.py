@@ -204,6 +204,12 @@ def admin_acls() -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the initial file
 
 
+def _acl_set(acls: Iterable[dict[str, Any]]) -> set[tuple[object, ...]]:
+    """ACLs comparable regardless of order (the plugin lists them grouped by type)."""
+    return {(a.get("acltype"), a.get("topic"), a.get("priority", 0), a.get("allow"))
+            for a in acls}
+
+
 def hash_password(password: str, iterations: int = INIT_PBKDF2_ITERATIONS,
                   salt: bytes | None = None) -> dict[str, Any]:
     """The `password`/`salt`/`iterations` of a plugin client entry (PBKDF2-HMAC-SHA512,
@@ -315,6 +321,8 @@ class BrokerAdmin:
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._fixed = False  # ensure_fixed done on this connection
+        self._pubacks: list[object] = []  # PUBACK reason codes, newest last
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> BrokerAdmin:
@@ -343,6 +351,7 @@ class BrokerAdmin:
             raise BrokerAdminError(f"broker {broker} not reachable: {exc or 'timed out'}"
                                    ) from None
         self._client = client
+        self._watch_pubacks(client)
         try:
             granted = await client.subscribe(RESPONSE_TOPIC, qos=1)
             if any(subscription_refused(rc) for rc in granted):
@@ -354,6 +363,19 @@ class BrokerAdmin:
             raise
         log.info("broker admin connected", extra={"broker": broker, "username": a.username})
         return self
+
+    def _watch_pubacks(self, client: aiomqtt.Client) -> None:
+        """Keep each PUBACK's reason code: aiomqtt drops it, and a refused publish (0x87)
+        looks like a done one otherwise."""
+        paho = client._client  # aiomqtt has no hook for this
+        inner = paho.on_publish
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            self._pubacks.append(reason)
+            del self._pubacks[:-16]
+            inner(c, userdata, mid, reason, props)
+
+        paho.on_publish = on_publish
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -382,6 +404,8 @@ class BrokerAdmin:
                     log.warning("unreadable dynamic-security answer ignored")
                     continue
                 for resp in responses if isinstance(responses, list) else []:
+                    if not isinstance(resp, dict):
+                        continue
                     fut = self._pending.get(str(resp.get("correlationData")))
                     if fut is not None and not fut.done():
                         fut.set_result(resp)
@@ -406,10 +430,14 @@ class BrokerAdmin:
         self._pending.update(zip(corr, futures, strict=True))
         payload = json.dumps({"commands": [{**cmd, "correlationData": c}
                                            for cmd, c in zip(commands, corr, strict=True)]})
+        # The answers come before the PUBACK, and a broker that disconnects us (it does so to
+        # an admin whose own role changes) sends neither: wait for all of it at once, so a
+        # lost connection fails the command now (the reader fails the futures), not at the
+        # timeout.
+        publish = asyncio.ensure_future(client.publish(CONTROL_TOPIC, payload, qos=1))
         try:
-            await client.publish(CONTROL_TOPIC, payload, qos=1)
             async with asyncio.timeout(self.admin.timeout_s):
-                answers = list(await asyncio.gather(*futures))
+                answers = list(await asyncio.gather(publish, *futures))[1:]
         except TimeoutError:
             raise BrokerAdminError(
                 f"no answer on {RESPONSE_TOPIC} within {self.admin.timeout_s:g} s: is the "
@@ -419,6 +447,11 @@ class BrokerAdmin:
         finally:
             for c in corr:
                 self._pending.pop(c, None)
+            if not publish.done():
+                publish.cancel()
+            for fut in (publish, *futures):  # retrieved: no "exception never retrieved"
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
         for cmd, answer in zip(commands, answers, strict=True):
             error = answer.get("error")
             if error and error not in allow_errors:
@@ -430,21 +463,40 @@ class BrokerAdmin:
     async def ensure_fixed(self) -> None:
         """Default access deny, and the shared role and group every boot needs, made or put
         back as this version wants them (a file made with `mosquitto_ctrl dynsec init` has
-        neither, and allows receiving by default)."""
-        acls = [{"acltype": k, "allow": v} for k, v in DEFAULT_ACL_ACCESS.items()]
-        await self.command({"command": "setDefaultACLAccess", "acls": acls})
-        role = {"rolename": BOOT_COMMON_ROLE, "acls": boot_common_acls()}
-        created = await self.command({"command": "createRole", **role},
-                                     allow_errors={"Role already exists"})
-        if created[0].get("error"):
-            await self.command({"command": "modifyRole", **role})
-        await self.command(
-            {"command": "createGroup", "groupname": BOOTS_GROUP,
-             "roles": [{"rolename": BOOT_COMMON_ROLE, "priority": 0}]},
-            allow_errors={"Group already exists"})
-        await self.command(
-            {"command": "addGroupRole", "groupname": BOOTS_GROUP, "rolename": BOOT_COMMON_ROLE},
-            allow_errors={"Group is already in this role"})
+        neither, and allows receiving by default). Reads first and changes only what differs:
+        every change makes the broker rewrite its whole file, on the thread that serves all
+        boots. Only changes that disconnect no boot (Mosquitto 2.0.11 kicks every member on
+        addRoleACL, removeRoleACL and group role changes; modifyRole and the default access
+        apply live). Once per connection."""
+        if self._fixed:
+            return
+        current, role, group = await self.command(
+            {"command": "getDefaultACLAccess"},
+            {"command": "getRole", "rolename": BOOT_COMMON_ROLE},
+            {"command": "getGroup", "groupname": BOOTS_GROUP},
+            allow_errors={"Role not found", "Group not found"})
+        access = {a.get("acltype"): a.get("allow")
+                  for a in current.get("data", {}).get("acls", [])}
+        if access != DEFAULT_ACL_ACCESS:
+            await self.command({"command": "setDefaultACLAccess", "acls": [
+                {"acltype": k, "allow": v} for k, v in DEFAULT_ACL_ACCESS.items()]})
+        wanted = {"rolename": BOOT_COMMON_ROLE, "acls": boot_common_acls()}
+        if role.get("error"):
+            await self.command({"command": "createRole", **wanted})
+        elif _acl_set(role["data"]["role"].get("acls", [])) != _acl_set(wanted["acls"]):
+            await self.command({"command": "modifyRole", **wanted})
+        if group.get("error"):
+            await self.command({"command": "createGroup", "groupname": BOOTS_GROUP,
+                                "roles": [{"rolename": BOOT_COMMON_ROLE, "priority": 0}]})
+        elif BOOT_COMMON_ROLE not in {r.get("rolename")
+                                      for r in group["data"]["group"].get("roles", [])}:
+            # addGroupRole would make the broker disconnect every boot in the group, and
+            # every boot in a session would vent: not something to do in passing.
+            raise BrokerAdminError(
+                f"group {BOOTS_GROUP!r} lacks role {BOOT_COMMON_ROLE!r} (the boots cannot read "
+                "the heartbeat). Adding it disconnects every boot: at a quiet time, run "
+                f"`mosquitto_ctrl ... dynsec addGroupRole {BOOTS_GROUP} {BOOT_COMMON_ROLE}`")
+        self._fixed = True
 
     async def _get_client(self, username: str) -> dict[str, Any] | None:
         answer = (await self.command({"command": "getClient", "username": username},
@@ -555,12 +607,19 @@ class BrokerAdmin:
         await self.command({"command": "deleteRole", "rolename": boot_role_name(clinic, device)},
                            allow_errors={"Role not found"})
         assert self._client is not None
+        self._pubacks.clear()
         try:
             await self._client.publish(topic(clinic, device, Channel.STATE), b"",
                                        qos=CHANNEL_QOS[Channel.STATE], retain=True)
         except aiomqtt.MqttError as exc:
             raise BrokerAdminError(f"account removed, but its retained state was not cleared: "
                                    f"{exc}") from None
+        if self._pubacks and subscription_refused(self._pubacks[-1]):
+            # The broker dropped it: the gateway would keep showing the removed boot.
+            raise BrokerAdminError(
+                f"account removed, but the broker refused to clear its retained state "
+                f"({self._pubacks[-1]}): the admin's role needs publishClientSend on "
+                f"{TOPIC_ROOT}/+/+/state (docs/deploy.md §2.3)")
         log.info("boot removed", extra={"boot": boot.key})
         return boot
 

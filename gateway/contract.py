@@ -244,7 +244,11 @@ class BootState(_Msg):
     online: bool = Field(strict=True)
     firmware: str = Field(max_length=64)
     chambers: int = Field(ge=1, le=MAX_CHAMBERS, strict=True)
-    zones: list[str] = Field(description="zone of each chamber, distal to proximal")
+    # Bounded like every string a boot sends; the bound also makes pydantic check that each
+    # is valid Unicode (a bare list[str] lets a lone surrogate through, which then cannot be
+    # serialised: GET /api/v1/boots answered 500 for the whole fleet).
+    zones: list[Annotated[str, Field(max_length=64)]] = Field(
+        description="zone of each chamber, distal to proximal")
     max_pressure_mmhg: float = Field(gt=0, le=SENSOR_MAX_MMHG, allow_inf_nan=False, strict=True)
     telemetry_period_s: float = Field(gt=0, le=60, allow_inf_nan=False, strict=True)
     ts: DeviceTime = Field(description="device clock, unix seconds")

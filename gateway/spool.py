@@ -115,7 +115,7 @@ class SpoolStats:
     records_corrupt: int = 0  # damaged spans skipped (scan at open, or found at peek)
     corrupt_bytes_skipped: int = 0
     segments_quarantined: int = 0  # moved into quarantine/, never deleted
-    write_errors: int = 0  # failed appends, cursor saves, segment deletes
+    write_errors: int = 0  # failed appends, probes, cursor saves, segment deletes
     read_errors: int = 0  # failed segment reads
 
 
@@ -591,7 +591,7 @@ class DiskSpool:
 
     def _io_error(self, op: str, exc: OSError) -> None:
         """Count and log a disk failure: the first of an episode, then once a minute."""
-        if op == "append":
+        if op in ("append", "probe"):  # a lasting fault counts once per retry
             self.stats.write_errors += 1
         name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
         now = time.monotonic()

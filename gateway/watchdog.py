@@ -412,7 +412,11 @@ class Watchdog:
         not of the input: more input, or input timed to keep arriving, cannot extend it, so
         no outside traffic holds this rule off for longer than the grace.
         """
-        if watch.last_sample_at is None or watch.silence_reported:
+        # Defensive only, so neither side is ever true here: a session always has
+        # last_sample_at (start_session sets it), and a reported silence has opened a vent
+        # episode, which on_tick hands to rule 8 before this.
+        reported = watch.silence_reported
+        if watch.last_sample_at is None or reported:  # mutate: equivalent or -> and (see above)
             return []
         silent = now - watch.last_sample_at
         limit = self.silence_limit(watch)

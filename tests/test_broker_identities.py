@@ -35,7 +35,7 @@ from device_sim.boot import SimBoot
 from device_sim.local_stack import LocalInflux, LocalMosquitto, dynsec_conf, free_port
 from gateway import provision
 from gateway.boot_credentials import BootCredentials, load_credentials
-from gateway.broker_admin import BrokerAdmin
+from gateway.broker_admin import BrokerAdmin, BrokerAdminError
 from gateway.contract import HEARTBEAT_TOPIC, BootState, Channel, CommandKind, topic
 from gateway.settings import BrokerAdminSettings, GatewaySettings, InfluxSettings, MqttSettings
 from tests.helpers import gateway_settings, running_gateway, short_program, wait_for
@@ -513,6 +513,51 @@ async def test_audit_survives_an_unreachable_influxdb(dynsec: DynsecBroker,
     leaks = [r.getMessage() for r in caplog.records
              if any(password in str(v) for v in vars(r).values())]
     assert not leaks, f"the password is in a log record: {leaks}"
+
+
+async def test_remove_reports_a_state_clear_the_broker_refused(dynsec: DynsecBroker) -> None:
+    """An admin role without the right to clear states (a file from `mosquitto_ctrl dynsec
+    init`): the broker drops the empty retained message, and `remove` must say so (exit 3),
+    not report a boot gone that the gateway still shows."""
+    run = secrets.token_hex(3)
+    await provision_boot(dynsec, f"r-{run}", f"r-{run}")
+    acl = {"rolename": "bootgw-admin", "acltype": "publishClientSend",
+           "topic": "boots/v1/+/+/state"}
+
+    async def change_own_role(command: dict[str, object]) -> None:
+        # The broker kicks every holder of a role whose ACL list changes: the admin itself,
+        # maybe before the answer; the next connection sees whether it was done.
+        with contextlib.suppress(BrokerAdminError):
+            async with BrokerAdmin.from_settings(dynsec.settings) as admin:
+                await admin.command(command)
+
+    await change_own_role({"command": "removeRoleACL", **acl})
+    try:
+        err = io.StringIO()
+        rc = await provision.run(["boots", "remove", f"r-{run}", f"r-{run}", "--actor",
+                                  "test-ops"], dynsec.settings, stderr=err)
+        assert rc == provision.FAILED, err.getvalue()
+        assert "refused to clear its retained state" in err.getvalue()
+    finally:
+        await change_own_role({"command": "addRoleACL", **acl, "priority": 0, "allow": True})
+        async with BrokerAdmin.from_settings(dynsec.settings) as admin:
+            role = (await admin.command({"command": "getRole", "rolename": "bootgw-admin"}))[0]
+        assert acl["topic"] in {a["topic"] for a in role["data"]["role"]["acls"]}
+
+
+async def test_unreachable_broker_fails_with_exit_3_and_a_failed_audit_record(
+    dynsec: DynsecBroker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    nowhere = dynsec.settings.mqtt.model_copy(update={"port": free_port()})
+    settings = dynsec.settings.model_copy(update={"mqtt": nowhere})
+    out, err = io.StringIO(), io.StringIO()
+    with caplog.at_level("INFO"):
+        rc = await provision.run(["boots", "add", "cu", "du", "--actor", "test-ops"], settings,
+                                 stdout=out, stderr=err)
+    assert rc == provision.FAILED and "not reachable" in err.getvalue(), err.getvalue()
+    assert out.getvalue() == ""
+    audit = [(r.action, r.result) for r in caplog.records if r.name == "gateway.audit"]
+    assert audit == [("boot_add", "failed")]
 
 
 # ---------------------------------------------------------------- the gateway's own identity

@@ -524,6 +524,9 @@ def _ingest_one(gw: Gateway, submitted: list[Point], name: str, payload: bytes) 
 @example([(topic("c1", "b1", Channel.EVENT), b'{"kind": "user_stop", "ts": 1e12, '
            b'"session_id": "s-c1b1"}')])
 @example([(topic("c1", "b1", Channel.STATE), b"")])
+@example([(topic("c1", "b2", Channel.STATE),  # a lone surrogate: GET /api/v1/boots failed
+           b'{"online": true, "firmware": "", "chambers": 1, "zones": ["\\ud800"], '
+           b'"max_pressure_mmhg": 1.0, "telemetry_period_s": 1.0, "ts": 0.0}')])
 @example([(f"{TOPIC_ROOT}/c1/b1/state\n", b"{}")])
 def test_ingest_never_raises_counts_every_rejection_and_touches_only_the_named_boot(
     gateway_factory: Callable[[], Gateway], messages: list[tuple[str, bytes]],

@@ -142,8 +142,8 @@ async def test_full_disk_is_survived_counted_alarmed_and_recovered_without_resta
                 w.submit(point(sent))
                 sent += 1
             await wait_for(lambda: not w.stats.connected, 10, "the writer to see the outage")
-        await wait_for(lambda: w.health_counters()["spool_write_errors"] >= 2, 10,
-                       "a spill tried again, and failed again")
+        await wait_for(lambda: w.health_counters()["spool_write_errors"] >= 3, 10,
+                       "the spool retried, and failing again")
         assert w.task_alive and w.queue_depth <= cap + batch
         assert w.spool_points == 0
         assert len(messages(caplog, "spool write failed")) == 1  # rate-limited: one per episode
@@ -207,6 +207,36 @@ async def test_writer_task_outlives_a_full_disk_in_an_outage_and_resumes_by_itse
     finally:
         await writer.close()
     assert stored(own_influx, db) == 120 and writer.stats.points_dropped == 0
+
+
+@pytest.mark.integration
+async def test_safety_records_keep_their_place_when_nothing_else_can_keep_points(
+    influx: LocalInflux, small_disk: Path,
+) -> None:
+    """Memory full of telemetry, the spool's disk full: a safety record pushes out the oldest
+    telemetry point (counted) and is never the one dropped."""
+    db = f"prio_{secrets.token_hex(4)}"
+    spool_dir = small_disk / "spool"
+    DiskSpool(spool_dir, 1 << 20).close()
+    fill(small_disk)
+    writer = InfluxWriter(InfluxSettings(url=influx.url, database=db, flush_interval_s=0.05,
+                                         batch_size=1000, queue_max_points=100,
+                                         spool_retry_s=0.2, spool_dir=spool_dir))
+    await writer.ensure_database()
+    writer.start()  # its first batch is due only after flush_interval_s: submits come first
+    try:
+        for i in range(150):  # 100 kept, 50 dropped: the spool cannot take the overflow
+            writer.submit(point(i))
+        for i in range(20):
+            writer.submit(point(1000 + i, "safety_event"))
+        assert await writer.flush(10)
+    finally:
+        await writer.close()
+    assert stored(influx, db, "safety_event") == 20
+    assert stored(influx, db) == 80  # the 20 oldest telemetry points gave way
+    assert writer.stats.points_dropped == 70
+    got = {row[1] for row in influx.query(db, 'SELECT "v" FROM "fill_test"')[0]["values"]}
+    assert got == {float(i) for i in range(20, 100)}
 
 
 # ---------------------------------------------------------------- read-only, writer alone
