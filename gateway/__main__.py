@@ -8,6 +8,8 @@ import contextlib
 import signal
 import sys
 
+from pydantic import ValidationError
+
 from gateway.gc_tuning import tune_for_latency
 from gateway.logs import setup_logging
 from gateway.server import serve
@@ -51,7 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args:
         sys.exit(_subcommand(args))
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as exc:
+        # One line per refused setting, without the values (hide_input_in_errors): a service
+        # manager's journal shows what to fix, and no secret.
+        for err in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in err["loc"]) or "settings"
+            sys.stderr.write(f"boot-gateway: configuration refused: {where}: {err['msg']}\n")
+        sys.exit(2)
     setup_logging(settings.log_level, settings.log_format)
 
     async def _run() -> None:

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 # Measurements that make the clinical safety record: spooled with priority (see spool.py).
 PRIORITY_MEASUREMENTS = frozenset(
-    {"safety_event", "alarm", "command", "session", "vent_confirmed", "device_fault"}
+    {"safety_event", "alarm", "command", "session", "vent_confirmed", "device_fault",
+     "audit"}
 )
 _LOG_EVERY = 1000
 _AUTH_LOG_INTERVAL_S = 60.0
