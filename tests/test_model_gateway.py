@@ -96,6 +96,8 @@ class Wire:
 class Records:
     """InfluxDB: the points the gateway wrote, kept across its restarts."""
 
+    storage_fault: str | None = None  # the model's InfluxDB has no disk to fail
+
     def __init__(self) -> None:
         self.points: list[Point] = []
 
