@@ -103,15 +103,25 @@ async def spikes(probes: list[SimBoot], rounds: int, interval_s: float, hz: floa
             await asyncio.sleep(interval_s)
         for boot in probes:
             k_spike, k_vent = base[boot.key]
+
+            def vent_after(b: SimBoot = boot, s: int = k_spike, v: int = k_vent) -> int | None:
+                """Index of the first vent received after the spike went out (a late vent of
+                an earlier spike may come first)."""
+                if len(b.spikes_published_at) <= s:
+                    return None
+                return next((i for i in range(v, len(b.vents_received_at))
+                             if b.vents_received_at[i] >= b.spikes_published_at[s]), None)
+
             try:
-                await boot.wait_until(lambda b=boot, s=k_spike, v=k_vent: len(
-                    b.spikes_published_at) > s and len(b.vents_received_at) > v, timeout=10)
+                await boot.wait_until(lambda f=vent_after: f() is not None, timeout=10)
             except TimeoutError:
                 missed += 1
                 continue
+            k = vent_after()
+            assert k is not None
             reactions.append(
-                (boot.vents_received_at[k_vent] - boot.spikes_published_at[k_spike]) * 1000)
-            faults.append((boot, k_spike, k_vent))
+                (boot.vents_received_at[k] - boot.spikes_published_at[k_spike]) * 1000)
+            faults.append((boot, k_spike, k))
         # one vent per episode: the gateway re-arms once it has seen the boot vented and safe
         for boot in probes:
             await boot.wait_until(lambda b=boot: max(b.model.pressures) < 5, timeout=30)
@@ -133,13 +143,16 @@ async def split_at_decision(st: Stack, faults: list[tuple[SimBoot, int, int]], s
             break
         await asyncio.sleep(0.5)
     before, after = [], []
-    seen: dict[str, int] = {}
+    used: dict[str, int] = {}  # per probe: decisions already matched, in time order
     for boot, k_spike, k_vent in faults:
-        n = seen.get(boot.device, 0)
-        seen[boot.device] = n + 1
-        times = decided.get(boot.device, [])
+        published = boot.spikes_published_at[k_spike]
+        times = sorted(decided.get(boot.device, []))
+        n = used.get(boot.device, 0)
+        while n < len(times) and times[n] < published - 0.002:  # ms stamps: 2 ms of slack
+            n += 1  # a decision on an earlier spike (one whose vent came too late to count)
         if n < len(times):
-            before.append((times[n] - boot.spikes_published_at[k_spike]) * 1000)
+            used[boot.device] = n + 1
+            before.append((times[n] - published) * 1000)
             after.append((boot.vents_received_at[k_vent] - times[n]) * 1000)
     return before, after
 

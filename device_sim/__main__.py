@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -22,9 +23,12 @@ from device_sim.worker import run_worker
 from gateway.boot_credentials import BootCredentials, CredentialsError, load_credentials
 from gateway.logs import setup_logging
 from gateway.programs import CATALOGUE
-from gateway.settings import MqttSettings
+from gateway.settings import PLACEHOLDER_PREFIX, MqttSettings
 
 log = logging.getLogger("device_sim")
+
+# The simulator's API token from the environment (compose), when no --api-token-file is given.
+API_TOKEN_ENV = "BOOTSIM_API_TOKEN"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the password of --mqtt-username")
     r.add_argument("--telemetry-hz", type=float, default=2.0)
     r.add_argument("--gateway-url", help="start sessions through this gateway's HTTP API")
+    r.add_argument("--api-token-file", type=Path, metavar="FILE", help="the bearer token "
+                   f"for --gateway-url (a front_desk or ops user's); or ${API_TOKEN_ENV}")
     r.add_argument("--program", choices=sorted(CATALOGUE), default="post_workout_recovery")
     r.add_argument("--seconds", type=float, default=0, help="0: until interrupted")
 
@@ -116,6 +122,32 @@ def _mqtt_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> Mqtt
         p.error("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
 
 
+def _api_token(p: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The bearer token for --gateway-url: from --api-token-file or $BOOTSIM_API_TOKEN.
+
+    The gateway's API is closed by default, so a run that starts sessions needs one; a
+    placeholder from .env.example is refused here rather than answered 401 per boot."""
+    env = os.environ.get(API_TOKEN_ENV, "").strip()
+    if args.api_token_file is not None and env:
+        p.error(f"--api-token-file and ${API_TOKEN_ENV} are both set: give one")
+    token = env or None
+    where = f"${API_TOKEN_ENV}"
+    if args.api_token_file is not None:
+        where = str(args.api_token_file)
+        try:
+            token = args.api_token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            p.error(f"--api-token-file {where}: cannot be read "
+                    f"({getattr(exc, 'strerror', None) or type(exc).__name__})")
+        if not token:
+            p.error(f"--api-token-file {where} is empty")
+    if token is not None and token.lower().startswith(PLACEHOLDER_PREFIX):
+        p.error(f"the API token in {where} is still the placeholder from .env.example")
+    if token is not None and not args.gateway_url:
+        p.error("an API token is given but no --gateway-url to send it to")
+    return token
+
+
 def _fleet(p: argparse.ArgumentParser, args: argparse.Namespace, mqtt: MqttSettings
            ) -> SimFleet:
     """The boots to run; with --credentials each one listed there connects as itself."""
@@ -140,7 +172,8 @@ def _fleet(p: argparse.ArgumentParser, args: argparse.Namespace, mqtt: MqttSetti
     return fleet
 
 
-async def _run_fleet(args: argparse.Namespace, fleet: SimFleet) -> int:
+async def _run_fleet(args: argparse.Namespace, fleet: SimFleet, api_token: str | None = None
+                     ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,25 +183,41 @@ async def _run_fleet(args: argparse.Namespace, fleet: SimFleet) -> int:
         log.info("fleet connected", extra={"boots": len(fleet), "broker": args.mqtt_host})
         if args.gateway_url:
             sem = asyncio.Semaphore(20)  # as a busy front desk would, not one at a time
+            refused = asyncio.Event()
 
             async def start(api: httpx.AsyncClient, key: str) -> None:
                 clinic, device = key.split("/")
                 async with sem:
+                    if refused.is_set():
+                        return
                     for _ in range(20):  # 404: the gateway has not seen the boot's state yet
                         r = await api.post(f"/api/v1/boots/{clinic}/{device}/session",
                                            json={"program": args.program})
                         if r.status_code != 404:
                             break
                         await asyncio.sleep(0.5)
+                if r.status_code in (401, 403):  # the same for every boot: say it once
+                    if not refused.is_set():
+                        refused.set()
+                        log.error("gateway API refused the simulator's token: no session "
+                                  "started", extra={
+                                      "status": r.status_code, "body": r.text[:200],
+                                      "hint": f"--api-token-file or ${API_TOKEN_ENV}"})
+                    return
                 log.info("session start", extra={"boot": key, "status": r.status_code,
                                                  "body": r.text[:200]})
 
-            async with httpx.AsyncClient(base_url=args.gateway_url, timeout=30) as api:
+            headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+            async with httpx.AsyncClient(base_url=args.gateway_url, timeout=30,
+                                         headers=headers) as api:
                 await asyncio.gather(*(start(api, key) for key in fleet.boots))
         t0 = time.monotonic()
         while not stop.is_set():
+            wait = 10.0  # a stats line this often
+            if args.seconds:
+                wait = min(wait, max(0.0, args.seconds - (time.monotonic() - t0)))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 10)
+                await asyncio.wait_for(stop.wait(), wait)
             log.info("fleet", extra=fleet.stats())
             if args.seconds and time.monotonic() - t0 >= args.seconds:
                 break
@@ -191,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging("WARNING", "text")
         sys.exit(asyncio.run(run_worker(args.path, args.shard, args.shards)))
     mqtt = _mqtt_settings(parser, args)
+    api_token = _api_token(parser, args)
     setup_logging("INFO", "text")
     fleet = _fleet(parser, args, mqtt)
-    sys.exit(asyncio.run(_run_fleet(args, fleet)))
+    sys.exit(asyncio.run(_run_fleet(args, fleet, api_token)))
 
 
 def _scenario(args: argparse.Namespace) -> int:

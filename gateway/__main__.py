@@ -27,6 +27,7 @@ USAGE = """usage: boot-gateway                 run the gateway service (until SI
        boot-gateway boots add|remove|list ...   boots' broker accounts (docs/deploy.md §2.2)
        boot-gateway broker init FILE ...        the broker's dynamic-security file
        boot-gateway users new|hash ...          HTTP API users
+       boot-gateway certs init DIR --host ...   a private CA and the broker's certificate
 """
 
 
@@ -41,6 +42,10 @@ def _subcommand(args: list[str]) -> int:
         from gateway.api_users import cli as users_cli
 
         return users_cli(args[1:])
+    if args[0] == "certs":
+        from gateway.certs import cli as certs_cli
+
+        return certs_cli(args[1:])
     if args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0

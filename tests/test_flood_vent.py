@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import logging
 import secrets
 import sys
@@ -305,7 +304,7 @@ async def test_silent_boot_is_vented_in_time_while_bad_payloads_flood_boot_topic
                          ) -> AsyncIterator[dict[str, Any]]:
         rejected_before.append(sum(gw.gw.stats.rejected.values()))
         async with flood("mqtt", "--port", str(mosquitto.port), "--clinic", gw.clinic(),
-                         "--device", "quiet", "--device", "steady0", "--rate", os.environ.get("H4_RATE", "2000")) as s:
+                         "--device", "quiet", "--device", "steady0", "--rate", "2000") as s:
             yield s
         s["rejected"] = sum(gw.gw.stats.rejected.values()) - rejected_before[0]
 
