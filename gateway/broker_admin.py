@@ -53,7 +53,12 @@ from gateway.contract import (
 )
 from gateway.mqtt_link import subscription_refused
 from gateway.mqtt_tls import tls_context
-from gateway.settings import BrokerAdminSettings, GatewaySettings, MqttSettings
+from gateway.settings import (
+    PLACEHOLDER_PREFIX,
+    BrokerAdminSettings,
+    GatewaySettings,
+    MqttSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +228,8 @@ def hash_password(password: str, iterations: int = INIT_PBKDF2_ITERATIONS,
 
 
 def _check_password(what: str, password: str, min_chars: int) -> None:
+    if password.strip().lower().startswith(PLACEHOLDER_PREFIX):
+        raise ProvisionRefused(f"{what} is still the change-me placeholder; set a real one")
     if len(password) < min_chars:
         raise ProvisionRefused(f"{what} has {len(password)} characters; at least {min_chars} "
                                "(broker_admin.min_password_chars)")

@@ -47,6 +47,7 @@ from gateway.broker_admin import (
 from gateway.contract import is_valid_clinic, is_valid_id
 from gateway.redact import redact
 from gateway.settings import GatewaySettings
+from gateway.storage import influx_client
 
 log = logging.getLogger("gateway.provision")
 
@@ -121,14 +122,12 @@ async def _store_audit(settings: GatewaySettings, event: AuditEvent) -> None:
     params = {"db": influx.database, "precision": "u"}
     if influx.retention_policy:
         params["rp"] = influx.retention_policy
-    headers = {}
-    if influx.token is not None:
-        headers["Authorization"] = f"Token {influx.token.get_secret_value()}"
     line = audit_point(event, int(time.time() * 1_000_000)).encode()
     try:
-        async with httpx.AsyncClient(base_url=influx.url, headers=headers,
-                                     timeout=min(influx.timeout_s, AUDIT_WRITE_TIMEOUT_S)) as c:
-            resp = await c.post("/write", params=params, content=line.encode())
+        # The gateway's own client: the same credentials, CA and TLS checks as its writes.
+        async with influx_client(influx) as c:
+            resp = await c.post("/write", params=params, content=line.encode(),
+                                timeout=min(influx.timeout_s, AUDIT_WRITE_TIMEOUT_S))
         if resp.status_code != 204:
             log.warning("audit record not stored in InfluxDB", extra={
                 "status": resp.status_code, "error": redact(resp.text[:200])})

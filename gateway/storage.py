@@ -125,7 +125,7 @@ def _tls_failure(exc: BaseException) -> bool:
     return False
 
 
-def _client_for(settings: InfluxSettings) -> httpx.AsyncClient:
+def influx_client(settings: InfluxSettings) -> httpx.AsyncClient:
     """The HTTP client of the settings: credentials in headers (never in the URL), TLS as set."""
     headers = {}
     auth: httpx.BasicAuth | None = None
@@ -159,7 +159,7 @@ class InfluxWriter:
         spool: DiskSpool | None = None,
     ) -> None:
         self.settings = settings
-        self._client = client or _client_for(settings)
+        self._client = client or influx_client(settings)
         self.spool = spool  # opened by start() from the settings unless given
         self._spool_wanted = spool is not None or settings.spool_dir is not None
         self._spool_open_error: str | None = None  # why the configured spool is not open

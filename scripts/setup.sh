@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 missing=()
-for pair in mosquitto:mosquitto influxd:influxdb; do
+for pair in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb; do
   bin=${pair%%:*} pkg=${pair##*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || [ -x "/usr/bin/$bin" ] \
     || missing+=("$pkg")

@@ -105,6 +105,8 @@ def test_initial_file_has_the_plugin_hash_format_and_denies_by_default(tmp_path:
 
 @pytest.mark.parametrize("admin, gateway, problem", [
     (Account("adm", "adm", "short"), Account("gw", "gw", "g" * 20), "at least 16"),
+    (Account("adm", "adm", "a" * 20), Account("gw", "gw", "change-me-gateway-password"),
+     "placeholder"),
     (Account("adm", "adm", "a" * 20), Account("adm", "gw", "g" * 20), "names of their own"),
     (Account("adm", "gw", "a" * 20), Account("gw2", "gw", "g" * 20), "names of their own"),
     (Account("a/b", "adm", "a" * 20), Account("gw", "gw", "g" * 20), "must be ids"),
