@@ -120,6 +120,26 @@ class RateLimitedLog:
         log.warning(msg, extra=fields)
 
 
+class TokenBucket:
+    """At most `rate` per second on average, with bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: float, monotonic: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._monotonic = monotonic
+        self._tokens = burst
+        self._at = monotonic()
+
+    def take(self) -> bool:
+        now = self._monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class Gateway:
     def __init__(
         self,
@@ -153,6 +173,9 @@ class Gateway:
         self.alarms = AlarmBook()
         self._storage_alarm: str | None = None  # the open storage_fault alarm's id
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
+        rate = settings.device_fault_points_per_s
+        self._fault_points = TokenBucket(rate, max(1.0, rate * 10), monotonic)
+        self.device_faults_unrecorded = 0
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -325,6 +348,7 @@ class Gateway:
                 1 for b in self.fleet.boots.values() if b.session is not None
                 and b.session.status is SessionStatus.RUNNING),
             "journal_errors": self.journal.errors,
+            "device_faults_unrecorded": self.device_faults_unrecorded,
         }
         return fields
 
@@ -378,7 +402,10 @@ class Gateway:
             boot = self.fleet.get(addr.clinic, addr.device)
             if boot is not None:
                 boot.faults += 1
-            self.writer.submit(points.device_fault(addr, kind, reason, self._stamp()))
+            if self._fault_points.take():
+                self.writer.submit(points.device_fault(addr, kind, reason, self._stamp()))
+            else:
+                self.device_faults_unrecorded += 1
 
     def _on_state(self, addr: TopicAddress, state: BootState) -> None:
         ceiling = self.settings.programs.ceiling_for(addr.clinic)

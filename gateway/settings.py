@@ -515,6 +515,12 @@ class GatewaySettings(BaseSettings):
     reject_log_interval_s: float = Field(
         60.0, gt=0, description="bad input is logged at most once per device per interval"
     )
+    device_fault_points_per_s: float = Field(
+        20.0, gt=0, le=10_000, description="bad input is stored as device_fault points at "
+        "most this often on average (bursts of 10 s worth pass): a flood of junk must not "
+        "fill InfluxDB or the spool's reserve for safety records; the rest is counted "
+        "(device_faults_unrecorded) and every rejection still counted by kind",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
