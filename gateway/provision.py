@@ -26,8 +26,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 import httpx
 
@@ -49,6 +50,7 @@ from gateway.redact import redact
 from gateway.settings import GatewaySettings
 from gateway.storage import influx_client
 
+T = TypeVar("T")
 log = logging.getLogger("gateway.provision")
 
 OK, REFUSED, USAGE, FAILED = 0, 1, 2, 3
@@ -136,6 +138,23 @@ async def _store_audit(settings: GatewaySettings, event: AuditEvent) -> None:
                     extra={"error": redact(str(exc) or type(exc).__name__)})
 
 
+async def _audited(settings: GatewaySettings, base: dict[str, Any],
+                   change: Callable[[BrokerAdmin], Awaitable[T]]) -> T:
+    """Run one change on the broker; a refusal or a failure is audited before it is raised
+    (what was done is audited by the caller, with what it did)."""
+    try:
+        async with BrokerAdmin.from_settings(settings) as admin:
+            return await change(admin)
+    except ProvisionRefused as exc:
+        await _store_audit(settings, AuditEvent(**base, result=AuditResult.REFUSED,
+                                                detail=str(exc)))
+        raise
+    except BrokerAdminError as exc:
+        await _store_audit(settings, AuditEvent(**base, result=AuditResult.FAILED,
+                                                detail=str(exc)))
+        raise
+
+
 def _write_password_file(path: Path, password: str) -> None:
     """Create `path` with mode 0600 and the password; never overwrite (O_EXCL)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -154,18 +173,8 @@ async def _boots_add(args: argparse.Namespace, settings: GatewaySettings, stdin:
         password = stdin.readline().rstrip("\r\n")
     if args.password_file is not None and args.password_file.exists():
         raise ProvisionRefused(f"{args.password_file} exists; it is never overwritten")
-    try:
-        async with BrokerAdmin.from_settings(settings) as admin:
-            new = await admin.add_boot(args.clinic, args.device, password=password,
-                                       client_id=args.client_id)
-    except ProvisionRefused as exc:
-        await _store_audit(settings, AuditEvent(**base, result=AuditResult.REFUSED,
-                                                detail=str(exc)))
-        raise
-    except BrokerAdminError as exc:
-        await _store_audit(settings, AuditEvent(**base, result=AuditResult.FAILED,
-                                                detail=str(exc)))
-        raise
+    new = await _audited(settings, base, lambda admin: admin.add_boot(
+        args.clinic, args.device, password=password, client_id=args.client_id))
     boot = new.boot
     await _store_audit(settings, AuditEvent(**base, result=AuditResult.DONE,
                                             detail="broker account created",
@@ -198,17 +207,8 @@ async def _boots_remove(args: argparse.Namespace, settings: GatewaySettings, err
     valid = is_valid_clinic(args.clinic) and is_valid_id(args.device)
     base = dict(actor=actor, role=AUDIT_ROLE, action=AuditAction.BOOT_REMOVE,
                 clinic=args.clinic if valid else None, device=args.device if valid else None)
-    try:
-        async with BrokerAdmin.from_settings(settings) as admin:
-            boot = await admin.remove_boot(args.clinic, args.device)
-    except ProvisionRefused as exc:
-        await _store_audit(settings, AuditEvent(**base, result=AuditResult.REFUSED,
-                                                detail=str(exc)))
-        raise
-    except BrokerAdminError as exc:
-        await _store_audit(settings, AuditEvent(**base, result=AuditResult.FAILED,
-                                                detail=str(exc)))
-        raise
+    boot = await _audited(settings, base,
+                          lambda admin: admin.remove_boot(args.clinic, args.device))
     await _store_audit(settings, AuditEvent(**base, result=AuditResult.DONE,
                                             detail="broker account deleted, retained state "
                                             "cleared"))
