@@ -50,7 +50,8 @@ from gateway.contract import (
     decode,
     topic,
 )
-from gateway.mqtt_link import NO_DELAY, without_topic_callbacks
+from gateway.mqtt_internals import paho_of, publish_qos0_now, without_topic_callbacks
+from gateway.mqtt_link import NO_DELAY
 from gateway.mqtt_tls import client_security
 from gateway.settings import MqttSettings
 
@@ -100,31 +101,6 @@ def malformed_telemetry(kind: MalformedKind, chambers: int, seq: int, ts: float)
 def zones_for(chambers: int) -> list[str]:
     """Zone label per chamber, distal to proximal (BootState.zones)."""
     return (_ZONES + [f"zone{i + 1}" for i in range(len(_ZONES), chambers)])[:chambers]
-
-
-def _publish_qos0_now(client: aiomqtt.Client, topic: str, payload: bytes) -> bool:
-    """Write a QoS 0 sample to the socket now; False when the fast path does not apply.
-
-    aiomqtt's publish costs an Event, a timeout, a thread-safe wake-up and a writer
-    registration per message: most of a simulator process's CPU at thousands of boots.
-    Here paho queues the packet and writes it at once. Its deferred writer registration is
-    suppressed (a stale registration outlives the socket and breaks the next connection),
-    and made properly only if the socket could not take everything.
-    """
-    paho = client._client  # aiomqtt exposes no synchronous publish
-    if paho._registered_write or paho._out_packet:
-        return False  # a write is pending: queue behind it the usual way
-    paho._registered_write = True  # no writer registration for this packet
-    try:
-        info = paho.publish(topic, payload, 0, False)
-        rc = info.rc if info.rc != 0 else paho.loop_write()
-    finally:
-        paho._registered_write = False
-    if rc != 0:
-        raise aiomqtt.MqttCodeError(rc, "Could not publish message")
-    if paho._out_packet:  # the socket buffer was full: let the event loop finish the write
-        paho._call_socket_register_write()
-    return True
 
 
 class SimBoot:
@@ -398,7 +374,7 @@ class SimBoot:
         if not (math.isfinite(offline_s) and offline_s >= 0):
             raise ValueError(f"offline_s must be finite and >= 0, got {offline_s}")
         # aiomqtt offers no abrupt close; paho's socket is the only handle on the TCP link.
-        sock = client._client.socket()
+        sock = paho_of(client).socket()
         if not isinstance(sock, socket.socket):
             raise RuntimeError(f"{self.key}: no TCP socket to drop ({type(sock).__name__})")
         self._offline_until = self.clock() + offline_s
@@ -735,7 +711,7 @@ class SimBoot:
                 if spikes:
                     self.spikes_published_at.append(self.clock())
                     spike_logged = True
-                if not (self.telemetry_qos == 0 and _publish_qos0_now(
+                if not (self.telemetry_qos == 0 and publish_qos0_now(
                         client, self._topics[Channel.TELEMETRY], payload)):
                     await client.publish(
                         self._topics[Channel.TELEMETRY], payload,

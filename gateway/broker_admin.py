@@ -51,6 +51,7 @@ from gateway.contract import (
     is_valid_id,
     topic,
 )
+from gateway.mqtt_internals import paho_of
 from gateway.mqtt_link import subscription_refused
 from gateway.mqtt_tls import tls_context
 from gateway.settings import (
@@ -374,7 +375,7 @@ class BrokerAdmin:
     def _watch_pubacks(self, client: aiomqtt.Client) -> None:
         """Keep each PUBACK's reason code: aiomqtt drops it, and a refused publish (0x87)
         looks like a done one otherwise."""
-        paho = client._client  # aiomqtt has no hook for this
+        paho = paho_of(client)  # aiomqtt has no hook for this
         inner = paho.on_publish
 
         def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:

@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import logging
 import random
-import select
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -20,6 +19,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.mqtt_internals import (
+    dispatching_queue,
+    paho_of,
+    reading_in_bursts,
+    unread_input,
+    without_topic_callbacks,
+)
 from gateway.mqtt_tls import client_security
 from gateway.settings import MqttSettings
 
@@ -37,92 +43,11 @@ class NotConnected(RuntimeError):
     """No broker to take the message: not connected, or no PUBACK in time."""
 
 
-class _NoTopicCallbacks:
-    """Stands in for paho's per-topic callback matcher, which this project never uses.
-
-    paho looks every received message up in it, and its lookup builds a self-referencing
-    closure each time: about six objects of cyclic garbage per message, which only the
-    cyclic collector frees. At 1,000 msg/s those collections paused the loop for ~30 ms.
-    """
-
-    def iter_match(self, topic: str) -> Iterator[object]:
-        return iter(())
-
-
-def without_topic_callbacks(client: aiomqtt.Client) -> aiomqtt.Client:
-    """Make `client` leave no cyclic garbage per received message (see _NoTopicCallbacks)."""
-    paho = client._client  # aiomqtt exposes no hook for this
-    if hasattr(paho, "_on_message_filtered"):
-        paho._on_message_filtered = _NoTopicCallbacks()
-    return client
-
-
-# Packets read per turn of the event loop at most (see reading_in_bursts).
-READ_BURST_PACKETS = 200
-
-
-def unread_input(sock: object) -> bool:
-    """True when received bytes wait on `sock` that nobody has read yet: asked of the TLS
-    layer (a decrypted record the kernel no longer shows) and of the kernel (poll, timeout 0,
-    never blocking). A socket closed under us: False, the reader reports the loss."""
-    pending = getattr(sock, "pending", None)  # ssl.SSLSocket
-    if pending is not None and pending() > 0:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)  # type: ignore[attr-defined]
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return False
-
-
-def reading_in_bursts(client: aiomqtt.Client, burst: int = READ_BURST_PACKETS
-                      ) -> aiomqtt.Client:
-    """Make each readable event of the socket read up to `burst` packets, not one.
-
-    aiomqtt's reader callback calls paho's `loop_read`, which reads one packet. Each turn of
-    the event loop also serves every busy HTTP connection, so under an API flood the gateway
-    read 70-140 of the 400 telemetry messages/s arriving and fell seconds behind: every rule
-    acted late (rule 1 took 4-8 s). Reading what is already waiting, up to `burst` packets
-    (a few ms of handling), keeps ingest ahead of any other traffic on the loop.
-    """
-    paho = client._client  # aiomqtt exposes no hook for this; paho's loop_read is public
-    one_packet = paho.loop_read
-
-    def loop_read(max_packets: int = 1) -> object:
-        rc = one_packet(max_packets)
-        for _ in range(burst - 1):
-            sock = paho.socket()
-            if rc != 0 or sock is None or not unread_input(sock):
-                break
-            rc = one_packet(max_packets)
-        return rc
-
-    paho.loop_read = loop_read
-    return client
-
-
 def _connect_properties(session_expiry_s: int) -> Properties:
     """Session expiry: what the broker queued for us while we were away survives a restart."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
     return props
-
-
-def _dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue]:
-    """aiomqtt's incoming queue, replaced by a call to `dispatch` as each message is read.
-
-    Iterating `client.messages` costs a Task and an `asyncio.wait` per message, and a backlog
-    queued there grows every garbage collection's work: at 1,000 msg/s that was the gateway's
-    largest cost. Handling the message inside the read also means a QoS 1 PUBACK leaves only
-    once the message has been handled.
-    """
-
-    class DispatchingQueue(asyncio.Queue):  # type: ignore[type-arg]
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            dispatch(item)
-
-    return DispatchingQueue
 
 
 class MqttLink:
@@ -173,7 +98,7 @@ class MqttLink:
                 keepalive=s.keepalive_s,
                 timeout=10,
                 socket_options=NO_DELAY,
-                queue_type=_dispatching_queue(self._dispatch_message),
+                queue_type=dispatching_queue(self._dispatch_message),
                 # paho keeps 20 QoS 1 messages in flight; ordinary publishes may fill 16, so a
                 # vent (publish_urgent, straight to paho) never queues behind start commands.
                 max_concurrent_outgoing_calls=OUTGOING_CALLS,
@@ -201,7 +126,7 @@ class MqttLink:
                         self.reconnects += 1
                     if self._on_connect:
                         self._on_connect()
-                    # Messages are handled as they are read (see _dispatching_queue); this only
+                    # Messages are handled as they are read (see dispatching_queue); this only
                     # waits for the connection to end, which raises MqttError.
                     async for message in client.messages:
                         self._dispatch_message(message)
@@ -259,7 +184,7 @@ class MqttLink:
         client = self._client
         if client is None:
             raise NotConnected("not connected to the broker")
-        paho = client._client
+        paho = paho_of(client)
         info = paho.publish(topic, payload, qos, False)
         if info.rc != 0:
             log.error("publish failed", extra={"topic": topic, "rc": info.rc})
@@ -305,7 +230,7 @@ class MqttLink:
         record the kernel no longer shows. Not connected: False, nothing can be waiting.
         """
         client = self._client
-        sock = client._client.socket() if client is not None else None  # paho's socket
+        sock = paho_of(client).socket() if client is not None else None
         return sock is not None and unread_input(sock)
 
 

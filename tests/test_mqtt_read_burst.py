@@ -18,7 +18,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from device_sim.local_stack import LocalMosquitto
-from gateway.mqtt_link import READ_BURST_PACKETS, MqttLink, subscribe_options
+from gateway.mqtt_internals import READ_BURST_PACKETS
+from gateway.mqtt_link import MqttLink, subscribe_options
 from gateway.settings import MqttSettings
 
 BACKLOG = 300
