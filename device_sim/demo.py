@@ -85,6 +85,7 @@ async def run_demo(opts: DemoOptions, out: TextIO) -> int:
 async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: LocalInflux,
                out: TextIO, log_path: Path, t_start: float) -> int:
     db = "boots"
+    since_ms = int(time.time() * 1000)  # this run's points: the boots' clocks are this clock
     token = new_token()
     settings = GatewaySettings(
         mqtt=mqtt.model_copy(update={"client_id": "boot-gateway-demo"}),
@@ -137,7 +138,7 @@ async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: L
                     await api.post(f"/api/v1/boots/{clinic}/{device}/stop")
             boots_view = (await api.get("/api/v1/boots")).json()
         await gateway.writer.flush(timeout=15)
-        _summary(out, gateway, boots_view, influx, db, stuck_key, fleet)
+        _summary(out, gateway, boots_view, influx, db, stuck_key, fleet, since_ms)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
@@ -163,14 +164,17 @@ async def _wait_api(api: httpx.AsyncClient) -> None:
 
 
 def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: LocalInflux,
-             db: str, stuck_key: str | None, fleet: SimFleet) -> None:
+             db: str, stuck_key: str | None, fleet: SimFleet, since_ms: int) -> None:
+    """What this run stored: the demo's InfluxDB keeps earlier runs' data in its workdir."""
+    this_run = f"time >= {since_ms}ms"
     _line(out, "\nFleet summary")
     _line(out, f"{'boot':<22} {'online':<6} {'outcome':<10} {'vents':>5} {'max now':>8} "
           f"{'sent':>6} {'stored':>6}")
     for b in boots_view:
         key = f"{b['clinic']}/{b['device']}"
         stored = count(influx, db, f"SELECT count(seq) FROM telemetry WHERE clinic = "
-                       f"'{b['clinic']}' AND device = '{b['device']}'") if influx.port else -1
+                       f"'{b['clinic']}' AND device = '{b['device']}' AND {this_run}"
+                       ) if influx.port else -1
         now_max = max(b["pressures_mmhg"]) if b["pressures_mmhg"] else 0.0
         mark = "  <- stuck valve" if key == stuck_key else ""
         _line(out, f"{key:<22} {'yes' if b['online'] else 'no':<6} "
@@ -178,7 +182,7 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
               f"{fleet.boots[key].telemetry_sent:>6} {stored:>6}{mark}")
     if influx.port:
         series = influx.query(db, "SELECT device, rule, chamber, \"value\", \"limit\", detail "
-                                  "FROM safety_event")
+                                  f"FROM safety_event WHERE {this_run}")
         _line(out, "\nSafety events stored in InfluxDB")
         for s in series:
             for row in s["values"]:
@@ -186,7 +190,8 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
                 _line(out, f"  {when} {row[1]:<10} {row[2]:<14} {row[6]}")
         if not series:
             _line(out, "  none")
-        audit = influx.query(db, "SELECT count(detail) FROM audit GROUP BY actor, action, result")
+        audit = influx.query(db, f"SELECT count(detail) FROM audit WHERE {this_run} "
+                                 "GROUP BY actor, action, result")
         _line(out, "\nAudit trail in InfluxDB (who did what through the API)")
         for s in audit:
             tags = s["tags"]
