@@ -1,0 +1,65 @@
+"""Who may import whom, read from the source (an AST walk, every import statement, also the
+ones inside functions).
+
+* The gateway never imports the simulator or the tests: it installs and runs without them.
+* The conformance boot (tests/conformance_boot.py) is written from docs/protocol.md alone and
+  imports nothing of the gateway.
+* A simulated boot (device_sim/boot.py, physics.py, fleet.py) reaches the gateway only through
+  the modules below: the contract, the MQTT settings and the MQTT client helpers (TLS, the
+  library internals). Never the watchdog, the service, storage or the API.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BOOT_SIDE = ["device_sim/boot.py", "device_sim/physics.py", "device_sim/fleet.py"]
+BOOT_SIDE_MAY_USE = {
+    "gateway.contract", "gateway.settings", "gateway.mqtt_tls", "gateway.mqtt_internals",
+    "gateway.mqtt_link", "gateway.aio", "gateway.boot_credentials",
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _under(names: set[str], package: str) -> set[str]:
+    return {n for n in names if n == package or n.startswith(package + ".")}
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix()
+                                        for p in (ROOT / "gateway").rglob("*.py")))
+def test_the_gateway_imports_neither_the_simulator_nor_the_tests(path: str) -> None:
+    names = imported_modules(ROOT / path)
+    assert not _under(names, "device_sim") | _under(names, "tests"), path
+
+
+def test_the_conformance_boot_knows_only_the_contract_document() -> None:
+    assert not _under(imported_modules(ROOT / "tests/conformance_boot.py"), "gateway")
+
+
+@pytest.mark.parametrize("path", BOOT_SIDE)
+def test_a_simulated_boot_reaches_the_gateway_only_through_the_contract_and_mqtt(
+    path: str,
+) -> None:
+    used = {n for n in _under(imported_modules(ROOT / path), "gateway") if n.count(".") == 1}
+    assert used <= BOOT_SIDE_MAY_USE, f"{path}: {sorted(used - BOOT_SIDE_MAY_USE)}"
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from gateway.watchdog import Watchdog\n")
+    assert "gateway.watchdog" in imported_modules(probe)
