@@ -27,6 +27,6 @@ fi
 stamp="$ROOT/.venv/.installed-$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   echo "setup: installing Python dependencies" >&2
-  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[sim,test]"
   rm -f "$ROOT"/.venv/.installed-* && touch "$stamp"
 fi
