@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,15 @@ def test_generator_check_mode_reports_and_repairs_stale_files(
     (tmp_path / "dashboards" / "boot-detail.json").write_text("{}")
     assert gen.main(["--check"]) == 1
     assert "stale" in capsys.readouterr().out
+
+
+def test_generator_command_line_runs_from_any_directory(tmp_path: Path) -> None:
+    """The documented command, as a process: generate.py must find its grafana/generator/
+    package without the test's sys.path (the tests above load it in-process)."""
+    done = subprocess.run([sys.executable, str(GENERATOR), "--check"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == ""  # nothing stale, nothing written
 
 
 # ---------------------------------------------------------------- dashboards
