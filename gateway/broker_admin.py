@@ -32,11 +32,11 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import aiomqtt
 
@@ -376,12 +376,13 @@ class BrokerAdmin:
         """Keep each PUBACK's reason code: aiomqtt drops it, and a refused publish (0x87)
         looks like a done one otherwise."""
         paho = paho_of(client)  # aiomqtt has no hook for this
-        inner = paho.on_publish
+        inner = cast(Callable[..., None] | None, paho.on_publish)
 
         def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
             self._pubacks.append(reason)
             del self._pubacks[:-16]
-            inner(c, userdata, mid, reason, props)
+            if inner is not None:
+                inner(c, userdata, mid, reason, props)
 
         paho.on_publish = on_publish
 
@@ -406,7 +407,7 @@ class BrokerAdmin:
                 if message.topic.value != RESPONSE_TOPIC:
                     continue
                 try:
-                    doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    doc = json.loads(bytes(message.payload))  # type: ignore[arg-type, unused-ignore]
                     responses = doc["responses"]
                 except (ValueError, KeyError, TypeError):
                     log.warning("unreadable dynamic-security answer ignored")
@@ -488,7 +489,7 @@ class BrokerAdmin:
         if access != DEFAULT_ACL_ACCESS:
             await self.command({"command": "setDefaultACLAccess", "acls": [
                 {"acltype": k, "allow": v} for k, v in DEFAULT_ACL_ACCESS.items()]})
-        wanted = {"rolename": BOOT_COMMON_ROLE, "acls": boot_common_acls()}
+        wanted: dict[str, Any] = {"rolename": BOOT_COMMON_ROLE, "acls": boot_common_acls()}
         if role.get("error"):
             await self.command({"command": "createRole", **wanted})
         elif _acl_set(role["data"]["role"].get("acls", [])) != _acl_set(wanted["acls"]):

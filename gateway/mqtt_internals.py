@@ -45,7 +45,7 @@ def without_topic_callbacks(client: aiomqtt.Client) -> aiomqtt.Client:
     """Make `client` leave no cyclic garbage per received message (see _NoTopicCallbacks)."""
     paho = paho_of(client)  # aiomqtt exposes no hook for this
     if hasattr(paho, "_on_message_filtered"):
-        paho._on_message_filtered = _NoTopicCallbacks()
+        paho._on_message_filtered = _NoTopicCallbacks()  # type: ignore[assignment]
     return client
 
 
@@ -58,7 +58,7 @@ def dispatching_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[async
     once the message has been handled.
     """
 
-    class DispatchingQueue(asyncio.Queue):  # type: ignore[type-arg]
+    class DispatchingQueue(asyncio.Queue):
         def put_nowait(self, item: aiomqtt.Message) -> None:
             dispatch(item)
 
@@ -93,7 +93,7 @@ def reading_in_bursts(client: aiomqtt.Client, burst: int = READ_BURST_PACKETS
     paho = paho_of(client)  # aiomqtt exposes no hook for this; paho's loop_read is public
     one_packet = paho.loop_read
 
-    def loop_read(max_packets: int = 1) -> object:
+    def loop_read(max_packets: int = 1) -> paho_mqtt.MQTTErrorCode:
         rc = one_packet(max_packets)
         for _ in range(burst - 1):
             sock = paho.socket()
@@ -102,7 +102,7 @@ def reading_in_bursts(client: aiomqtt.Client, burst: int = READ_BURST_PACKETS
             rc = one_packet(max_packets)
         return rc
 
-    paho.loop_read = loop_read
+    paho.loop_read = loop_read  # type: ignore[method-assign]
     return client
 
 

@@ -166,7 +166,7 @@ async def _boots_add(args: argparse.Namespace, settings: GatewaySettings, stdin:
                      out: TextIO, err: TextIO) -> int:
     actor = _actor(args.actor)
     valid = is_valid_clinic(args.clinic) and is_valid_id(args.device)
-    base = dict(actor=actor, role=AUDIT_ROLE, action=AuditAction.BOOT_ADD,
+    base: dict[str, Any] = dict(actor=actor, role=AUDIT_ROLE, action=AuditAction.BOOT_ADD,
                 clinic=args.clinic if valid else None, device=args.device if valid else None)
     password = None
     if args.password_stdin:
@@ -205,7 +205,7 @@ async def _boots_remove(args: argparse.Namespace, settings: GatewaySettings, err
                         ) -> int:
     actor = _actor(args.actor)
     valid = is_valid_clinic(args.clinic) and is_valid_id(args.device)
-    base = dict(actor=actor, role=AUDIT_ROLE, action=AuditAction.BOOT_REMOVE,
+    base: dict[str, Any] = dict(actor=actor, role=AUDIT_ROLE, action=AuditAction.BOOT_REMOVE,
                 clinic=args.clinic if valid else None, device=args.device if valid else None)
     boot = await _audited(settings, base,
                           lambda admin: admin.remove_boot(args.clinic, args.device))

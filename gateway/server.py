@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import uvicorn
 
@@ -32,13 +33,12 @@ async def serve(gateway: Gateway, stop: asyncio.Event | None = None) -> None:
         app, host=settings.api.host, port=settings.api.port,
         log_config=None, access_log=False, lifespan="off",
     ))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     gw_task = asyncio.create_task(gateway.run(), name="gateway")
     api_task = asyncio.create_task(server.serve(), name="api")
     log.info("gateway starting", extra={
         "gateway_id": settings.gateway_id, "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",
         "influx": redact(settings.influx.url), "api": f"http://{settings.api.host}:{settings.api.port}"})
-    waiters = [gw_task, api_task]
+    waiters: list[asyncio.Task[Any]] = [gw_task, api_task]
     if stop is not None:
         waiters.append(asyncio.create_task(stop.wait(), name="stop"))
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
