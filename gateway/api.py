@@ -61,11 +61,12 @@ class ErrorDetail(BaseModel):
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 CallerDep = Annotated[Principal, Depends(authorize)]
-_GUARDED = {401: {"model": ErrorDetail, "description": "missing or wrong bearer token "
-                  "(the body is not read)"},
-            403: {"model": ErrorDetail, "description": "the user's role may not call this "
-                  "route (the body is not read); docs/deploy.md lists the roles"},
-            413: {"model": ErrorDetail, "description": "body larger than api.max_body_bytes"}}
+_GUARDED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "missing or wrong bearer token "
+          "(the body is not read)"},
+    403: {"model": ErrorDetail, "description": "the user's role may not call this "
+          "route (the body is not read); docs/deploy.md lists the roles"},
+    413: {"model": ErrorDetail, "description": "body larger than api.max_body_bytes"}}
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=_GUARDED)
 
 
@@ -513,25 +514,24 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/api/v1/stats", response_model=Stats, tags=["ops"],
              dependencies=[Depends(authorize)], responses=_GUARDED)
     def stats() -> Stats:
-        w = gateway.writer.stats
+        # The same snapshot gateway_health is made of (gateway/stats.py): one meaning per name.
+        s = gateway.snapshot()
         return Stats(
-            messages=dict(gateway.stats.messages), rejected=dict(gateway.stats.rejected),
-            vents_sent=gateway.stats.vents_sent, vents_confirmed=gateway.stats.vents_confirmed,
-            sessions_resumed=gateway.stats.sessions_resumed,
-            safety_events=gateway.stats.safety_events,
-            alarms_listed=len(gateway.alarms.listed()),
-            points_written=w.points_written, points_dropped=w.points_dropped,
-            points_refused=w.points_refused, storage_queue=gateway.writer.queue_depth,
-            storage_queue_peak=w.queue_peak, spool_points=gateway.writer.spool_points,
-            spool_bytes=gateway.writer.spool_bytes, points_spooled=w.points_spooled,
-            points_replayed=w.points_replayed,
-            points_dropped_spool_full=w.points_dropped_spool_full,
-            points_dropped_spool_error=w.points_dropped_spool_error,
-            storage_faults=gateway.writer.health_counters(),
-            write_errors=w.write_errors, influx_connected=w.connected,
-            mqtt_reconnects=gateway.link.reconnects,
-            loop_lag_max_ms=gateway.stats.loop_lag_max_ms,
-            gc_pause_max_ms=round(gateway.gc_pauses.max_ms, 3),
+            messages=s.messages, rejected=s.rejected,
+            vents_sent=s.vents_sent, vents_confirmed=s.vents_confirmed,
+            sessions_resumed=s.sessions_resumed, safety_events=s.safety_events,
+            alarms_listed=s.alarms_listed,
+            points_written=s.points_written, points_dropped=s.points_dropped,
+            points_refused=s.points_refused, storage_queue=s.queue_depth,
+            storage_queue_peak=s.queue_peak, spool_points=s.spool_points,
+            spool_bytes=s.spool_bytes, points_spooled=s.points_spooled,
+            points_replayed=s.points_replayed,
+            points_dropped_spool_full=s.points_dropped_spool_full,
+            points_dropped_spool_error=s.points_dropped_spool_error,
+            storage_faults=s.storage_faults,
+            write_errors=s.write_errors, influx_connected=s.influx_connected,
+            mqtt_reconnects=s.mqtt_reconnects, loop_lag_max_ms=s.loop_lag_max_ms,
+            gc_pause_max_ms=s.gc_pause_max_ms,
             api_refused=dict(counters.refused), api_anonymous=authenticator.anonymous,
             api_users=authenticator.users, audit_records=gateway.audit_trail.recorded,
         )

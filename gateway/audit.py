@@ -17,10 +17,11 @@ from enum import StrEnum
 
 from gateway.contract import is_valid_id
 from gateway.lineprotocol import FieldValue, Point
+from gateway.schema import Measurement
 
 log = logging.getLogger("gateway.audit")
 
-MEASUREMENT = "audit"
+MEASUREMENT = Measurement.AUDIT  # gateway/schema.py
 
 
 class AuditAction(StrEnum):

@@ -54,6 +54,7 @@ from gateway.mqtt_link import MqttLink, NotConnected, subscribe_options
 from gateway.programs import BootLimits, check_program
 from gateway.redact import redact
 from gateway.settings import GatewaySettings
+from gateway.stats import GatewayStats
 from gateway.storage import InfluxWriter
 from gateway.watchdog import CYCLE_PHASES, Outcome, Rule, VentConfirmed, Watchdog
 
@@ -66,9 +67,6 @@ _SESSION_END = {
     EventKind.VENTED: SessionOutcome.VENTED,
 }
 
-
-_HEALTH_CHANNELS = (Channel.TELEMETRY.value, Channel.STATE.value, Channel.EVENT.value,
-                    Channel.ACK.value)
 
 # An event-loop delay beyond this is the gateway's own stall (CPU starvation, a burst).
 STALL_MS = 250.0
@@ -316,41 +314,14 @@ class Gateway:
             self.link.publish_nowait(HEARTBEAT_TOPIC, hb.to_payload(), qos=0, retain=True)
             await asyncio.sleep(interval)
 
+    def snapshot(self) -> GatewayStats:
+        """Every counter and gauge at this moment: what gateway_health and /api/v1/stats
+        both derive from (gateway/stats.py), so the two cannot disagree."""
+        return GatewayStats.of(self)
+
     def health_fields(self) -> dict[str, FieldValue]:
         """Counters (totals since start) and gauges that say whether the chain is healthy."""
-        w = self.writer.stats
-        fields: dict[str, FieldValue] = {
-            f"msgs_{kind}": self.stats.messages.get(kind, 0) for kind in _HEALTH_CHANNELS
-        }
-        fields |= {
-            "msgs_rejected": sum(self.stats.rejected.values()),
-            "points_written": w.points_written,
-            "points_dropped": w.points_dropped,
-            "points_spooled": w.points_spooled,
-            "points_replayed": w.points_replayed,
-            "points_refused": w.points_refused,
-            "write_errors": w.write_errors,
-            "write_latency_ms": round(w.last_write_ms, 3),
-            "queue_depth": self.writer.queue_depth,
-            "spool_bytes": self.writer.spool_bytes,
-            **self.writer.health_counters(),
-            "mqtt_connected": int(self.link.connected.is_set()),
-            "influx_connected": int(w.connected),
-            "mqtt_reconnects": self.link.reconnects,
-            "vents_sent": self.stats.vents_sent,
-            "vents_confirmed": self.stats.vents_confirmed,
-            "safety_events": self.stats.safety_events,
-            "loop_lag_max_ms": self.stats.loop_lag_max_ms,
-            "gc_collections": self.gc_pauses.collections,
-            "gc_pause_max_ms": round(self.gc_pauses.max_ms, 3),
-            "boots_online": sum(1 for b in self.fleet.boots.values() if b.online),
-            "boots_in_session": sum(
-                1 for b in self.fleet.boots.values() if b.session is not None
-                and b.session.status is SessionStatus.RUNNING),
-            "journal_errors": self.journal.errors,
-            "device_faults_unrecorded": self.device_faults_unrecorded,
-        }
-        return fields
+        return self.snapshot().health_fields()
 
     async def _report_health(self) -> None:
         while True:

@@ -47,16 +47,15 @@ import httpx
 
 from gateway.lineprotocol import Point, PointError
 from gateway.redact import redact
+from gateway.schema import SAFETY_RECORD
 from gateway.settings import InfluxSettings, is_loopback_host
 from gateway.spool import DiskSpool, SpoolLocked
 
 log = logging.getLogger(__name__)
 
-# Measurements that make the clinical safety record: spooled with priority (see spool.py).
-PRIORITY_MEASUREMENTS = frozenset(
-    {"safety_event", "alarm", "command", "session", "vent_confirmed", "device_fault",
-     "audit"}
-)
+# Measurements that make the clinical safety record (gateway/schema.py): spooled with
+# priority (see spool.py). Plain strings: a point's measurement may be any str.
+PRIORITY_MEASUREMENTS: frozenset[str] = frozenset(m.value for m in SAFETY_RECORD)
 _LOG_EVERY = 1000
 _AUTH_LOG_INTERVAL_S = 60.0
 _RESTART_DELAY_S = 1.0

@@ -62,9 +62,12 @@ from gateway.fleet import (
 )
 from gateway.lineprotocol import Point, encode_batch
 from gateway.programs import CATALOGUE
+from gateway.schema import SAFETY_RECORD, Measurement
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings, InfluxSettings, ProgramLimits
+from gateway.storage import PRIORITY_MEASUREMENTS
 from gateway.watchdog import RULE_NUMBER, Rule, SafetyAction, VentConfirmed, Watchdog
+from tests.helpers import grafana_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "schema.md"
@@ -822,10 +825,47 @@ def test_every_name_the_gateway_writes_is_documented() -> None:
     day = asyncio.run(build_day(1_800_000_000.0))
     names = {p.measurement for p in day.points}
     names |= {k for p in day.points for k in (*p.tags, *p.fields)}
-    names |= _schema_literals() | set(gateway_health_fields())
+    names |= _schema_literals() | set(gateway_health_fields()) | set(Measurement)
     assert {"telemetry", "alarm_id", "session_elapsed_s", "journal_errors"} <= names
     missing = sorted(n for n in names if not _documented(n, doc))
     assert not missing, f"not in docs/schema.md: {missing}"
+
+
+def _measurement_table(doc: str) -> set[str]:
+    """The first column of the table under "## 2. Measurements"."""
+    section = doc.split("## 2. Measurements", 1)[1].split("\n### ", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+
+
+def test_every_measurement_written_is_in_the_schema_module_and_documented() -> None:
+    """gateway/schema.py names every measurement the point functions and the audit trail
+    write, no more (a member nothing writes would let a query name an empty measurement),
+    and docs/schema.md's measurement table lists exactly those."""
+    day = asyncio.run(build_day(1_800_000_000.0))
+    written = {p.measurement for p in day.points}
+    assert written == set(Measurement)
+    assert all(type(p.measurement) is Measurement for p in day.points), "a literal name"
+    assert _measurement_table(DOC.read_text()) == set(Measurement)
+
+
+def test_the_safety_record_is_one_set_in_code_and_doc() -> None:
+    """What storage spools first is the schema module's safety record, and the document's
+    list of the clinical safety record says the same."""
+    assert PRIORITY_MEASUREMENTS == {m.value for m in SAFETY_RECORD}
+    assert SAFETY_RECORD < set(Measurement) and Measurement.TELEMETRY not in SAFETY_RECORD
+    doc = DOC.read_text()
+    sentence = re.search(r"\n((?:`\w+`(?:, | and )?)+) are the\s+clinical safety record", doc)
+    assert sentence, "docs/schema.md: the safety record sentence"
+    assert set(re.findall(r"`(\w+)`", sentence.group(1))) == {m.value for m in SAFETY_RECORD}
+
+
+def test_the_dashboards_query_only_measurements_of_the_schema_module() -> None:
+    """Every `FROM "name"` of the generated dashboards and alert rules names a measurement
+    the gateway writes (the generator takes the names from gateway/schema.py)."""
+    rendered = "\n".join(grafana_generator().rendered_files().values())
+    queried = set(re.findall(r'FROM \\?"(\w+)\\?"', rendered))
+    assert len(queried) >= 8, queried
+    assert queried <= set(Measurement), queried - set(Measurement)
 
 
 def test_alarm_id_is_a_tag() -> None:
