@@ -24,12 +24,13 @@ import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Literal, TypeVar, get_args
+from typing import Literal, TypedDict, TypeVar, get_args
 
 import aiomqtt
 from pydantic import ValidationError
 
 from device_sim.physics import BootModel
+from gateway.boot_credentials import BootCredentials
 from gateway.contract import (
     CHANNEL_QOS,
     CHANNEL_RETAIN,
@@ -82,6 +83,21 @@ MalformedKind = Literal["not_json", "wrong_type", "null_pressure", "too_large"]
 MALFORMED_KINDS: tuple[MalformedKind, ...] = get_args(MalformedKind)
 # Above the contract's 16384-byte payload limit, below the broker's max_packet_size (1 MiB).
 TOO_LARGE_BYTES = 20_000
+
+
+class BootAccount(TypedDict, total=False):
+    """SimBoot's broker-identity keyword arguments, typed so `**account` is checked."""
+
+    username: str | None
+    password: str | None
+    client_id: str | None
+
+
+def account_kwargs(own: BootCredentials | None) -> BootAccount:
+    """A provisioned boot's account as SimBoot kwargs; none: SimBoot's defaults apply."""
+    if own is None:
+        return {}
+    return {"username": own.username, "password": own.password, "client_id": own.client_id}
 
 
 def malformed_telemetry(kind: MalformedKind, chambers: int, seq: int, ts: float) -> bytes:
@@ -427,8 +443,11 @@ class SimBoot:
                 timeout=_PUBLISH_TIMEOUT_S,
             )
 
-    async def wait_until(self, predicate: Callable[[], T], timeout: float) -> T:
+    async def wait_until(self, predicate: Callable[[], T | None], timeout: float) -> T:
         """Wait until predicate() is truthy; return its value. Raises TimeoutError.
+
+        Typed `T | None -> T` so a finder returning `X | None` yields an `X`: the value
+        returned is truthy, hence never None.
 
         Re-checked on every state change: command, ack, event, (dis)connect, and every
         telemetry tick (so predicates on pressures or counters work too).
@@ -454,7 +473,7 @@ class SimBoot:
                     return ack
             return None
 
-        return await self.wait_until(find, timeout)  # type: ignore[return-value]
+        return await self.wait_until(find, timeout)
 
     async def wait_for_event(
         self, kind: EventKind, timeout: float = 10.0, *, session_id: str | None = None
@@ -467,7 +486,7 @@ class SimBoot:
                     return ev
             return None
 
-        return await self.wait_until(find, timeout)  # type: ignore[return-value]
+        return await self.wait_until(find, timeout)
 
     async def wait_for_self_vent(self, timeout: float = 10.0, *, count: int = 1) -> BootEvent:
         """Until the boot has vented itself `count` times; returns the last VENTED event."""
@@ -487,7 +506,7 @@ class SimBoot:
         def find() -> Command | None:
             return next((c for c in self.commands_received if c.kind is kind), None)
 
-        return await self.wait_until(find, timeout)  # type: ignore[return-value]
+        return await self.wait_until(find, timeout)
 
     # ------------------------------------------------------------------ main loop
 
@@ -524,7 +543,7 @@ class SimBoot:
                 await self._reconnect_wake.wait()
         self._reconnect_wake.clear()
 
-    def _heartbeat_queue(self) -> type[asyncio.Queue]:  # type: ignore[type-arg]
+    def _heartbeat_queue(self) -> type[asyncio.Queue[aiomqtt.Message]]:
         """aiomqtt's incoming queue, minus the gateway's heartbeats: those are handled at once.
 
         Every boot gets a heartbeat every couple of seconds; through aiomqtt's iterator each
@@ -532,7 +551,7 @@ class SimBoot:
         """
         boot = self
 
-        class HeartbeatFirst(asyncio.Queue):  # type: ignore[type-arg]
+        class HeartbeatFirst(asyncio.Queue[aiomqtt.Message]):
             def put_nowait(self, item: aiomqtt.Message) -> None:
                 if item.topic.value == HEARTBEAT_TOPIC:
                     boot.on_heartbeat(item.payload, retained=bool(item.retain))

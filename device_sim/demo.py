@@ -25,6 +25,7 @@ from device_sim.fleet import SimFleet
 from device_sim.local_stack import LocalInflux, LocalMosquitto, count, free_port
 from gateway.api_users import ApiUser, Role, hash_token, new_token
 from gateway.logs import setup_logging
+from gateway.schema import Measurement
 from gateway.server import serve
 from gateway.service import Gateway
 from gateway.settings import ApiSettings, GatewaySettings, InfluxSettings, MqttSettings
@@ -172,7 +173,7 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
           f"{'sent':>6} {'stored':>6}")
     for b in boots_view:
         key = f"{b['clinic']}/{b['device']}"
-        stored = count(influx, db, f"SELECT count(seq) FROM telemetry WHERE clinic = "
+        stored = count(influx, db, f"SELECT count(seq) FROM {Measurement.TELEMETRY} WHERE clinic = "
                        f"'{b['clinic']}' AND device = '{b['device']}' AND {this_run}"
                        ) if influx.port else -1
         now_max = max(b["pressures_mmhg"]) if b["pressures_mmhg"] else 0.0
@@ -182,7 +183,7 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
               f"{fleet.boots[key].telemetry_sent:>6} {stored:>6}{mark}")
     if influx.port:
         series = influx.query(db, "SELECT device, rule, chamber, \"value\", \"limit\", detail "
-                                  f"FROM safety_event WHERE {this_run}")
+                                  f"FROM {Measurement.SAFETY_EVENT} WHERE {this_run}")
         _line(out, "\nSafety events stored in InfluxDB")
         for s in series:
             for row in s["values"]:
@@ -190,7 +191,7 @@ def _summary(out: TextIO, gateway: Gateway, boots_view: list[dict], influx: Loca
                 _line(out, f"  {when} {row[1]:<10} {row[2]:<14} {row[6]}")
         if not series:
             _line(out, "  none")
-        audit = influx.query(db, f"SELECT count(detail) FROM audit WHERE {this_run} "
+        audit = influx.query(db, f"SELECT count(detail) FROM {Measurement.AUDIT} WHERE {this_run} "
                                  "GROUP BY actor, action, result")
         _line(out, "\nAudit trail in InfluxDB (who did what through the API)")
         for s in audit:

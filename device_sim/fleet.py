@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from device_sim.boot import SimBoot
+from device_sim.boot import SimBoot, account_kwargs
 from gateway.aio import cancel_and_wait
 from gateway.boot_credentials import BootCredentials
 from gateway.settings import MqttSettings
@@ -54,9 +55,7 @@ class SimFleet:
         self.boots: dict[str, SimBoot] = {}
         credentials = credentials or {}
         for index, (clinic, device) in enumerate(members):
-            own = credentials.get(f"{clinic}/{device}")
-            account = {} if own is None else {
-                "username": own.username, "password": own.password, "client_id": own.client_id}
+            account = account_kwargs(credentials.get(f"{clinic}/{device}"))
             boot = SimBoot(
                 clinic, device, mqtt,
                 seed=None if seed is None else seed + index,
@@ -137,7 +136,8 @@ class SimFleet:
         """Until predicate(boot) holds for every boot; raises TimeoutError."""
         async with asyncio.timeout(timeout):
             await asyncio.gather(
-                *(b.wait_until(lambda b=b: predicate(b), timeout) for b in self.boots.values())
+                *(b.wait_until(functools.partial(predicate, b), timeout)
+                  for b in self.boots.values())
             )
 
     # ------------------------------------------------------------------ aggregates

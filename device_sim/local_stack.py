@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NotRequired, TypedDict
 
 import httpx
 
@@ -26,6 +27,22 @@ _SEARCH_PATH = ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
 
 class StackError(RuntimeError):
     pass
+
+
+class InfluxSeries(TypedDict):
+    """One series of an InfluxDB 1.x /query result (values: rows in `columns` order)."""
+
+    name: NotRequired[str]
+    tags: NotRequired[dict[str, str]]  # with GROUP BY tags
+    columns: list[str]
+    values: list[list[Any]]
+
+
+class _HttpxOptions(TypedDict, total=False):
+    """The httpx keyword arguments LocalInflux adds, typed so `**options` is checked."""
+
+    verify: ssl.SSLContext
+    auth: httpx.BasicAuth
 
 
 def free_port() -> int:
@@ -212,8 +229,8 @@ class LocalInflux(Server):
     def url(self) -> str:
         return f"{'https' if self.https_cert else 'http'}://127.0.0.1:{self.port}"
 
-    def _client_options(self) -> dict[str, object]:
-        opts: dict[str, object] = {}
+    def _client_options(self) -> _HttpxOptions:
+        opts: _HttpxOptions = {}
         if self.ca_file is not None:
             opts["verify"] = ssl.create_default_context(cafile=str(self.ca_file))
         if self.admin is not None:
@@ -253,7 +270,7 @@ class LocalInflux(Server):
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.url}/ping", timeout=1,
-                             verify=self._client_options().get("verify", True)  # type: ignore[arg-type]
+                             verify=self._client_options().get("verify", True)
                              ).status_code == 204:
                     break
             except httpx.HTTPError:
@@ -267,14 +284,14 @@ class LocalInflux(Server):
             # is there already and this, sent with its credentials, changes nothing.
             httpx.post(f"{self.url}/query", timeout=10, params={
                 "q": f"CREATE USER \"{user}\" WITH PASSWORD '{password}' WITH ALL PRIVILEGES"},
-                **self._client_options())  # type: ignore[arg-type]
+                **self._client_options())
         log.info("influxd started", extra={"port": self.port, "dir": str(self.workdir)})
         return self
 
-    def query(self, db: str, q: str) -> list[dict[str, object]]:
+    def query(self, db: str, q: str) -> list[InfluxSeries]:
         """Run InfluxQL; returns the series of the first statement (empty if none)."""
         resp = httpx.post(f"{self.url}/query", params={"db": db, "q": q, "epoch": "ms"},
-                          timeout=30, **self._client_options())  # type: ignore[arg-type]
+                          timeout=30, **self._client_options())
         resp.raise_for_status()
         result = resp.json()["results"][0]
         if "error" in result:

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from device_sim import report as rpt
 from device_sim.scenario import Scenario, load_scenario
+from gateway.schema import Measurement
 
 FD_PER_BOOT = 1  # one MQTT socket each
 FD_MARGIN = 200  # per process: stdio, HTTP clients, the event loop's own
@@ -122,8 +123,8 @@ class Detections:
         """Safety events (by rule) and device faults (by kind) of the scenario's clinics."""
         found = []
         for measurement, label, field_, source in (
-            ("safety_event", "rule", "detail", "safety_event"),
-            ("device_fault", "kind", "reason", "device_fault"),
+            (Measurement.SAFETY_EVENT, "rule", "detail", "safety_event"),
+            (Measurement.DEVICE_FAULT, "kind", "reason", "device_fault"),
         ):
             for r in await self.rows(f"SELECT {field_}, clinic, device, {label} FROM "
                                      f"{measurement} WHERE {self._where(since)}"):
@@ -143,7 +144,7 @@ class Detections:
         lo = int((since - self.clock_margin_s) * 1000)
         hi = int((until + self.clock_margin_s) * 1000)
         series = await self.query(
-            f"SELECT count(seq) FROM telemetry WHERE clinic =~ {self.clinics} AND "
+            f"SELECT count(seq) FROM {Measurement.TELEMETRY} WHERE clinic =~ {self.clinics} AND "
             f"time >= {lo}ms AND time <= {hi}ms GROUP BY clinic, device")
         return {f"{s['tags']['clinic']}/{s['tags']['device']}": int(s["values"][0][1])
                 for s in series}

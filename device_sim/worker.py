@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from device_sim.boot import SimBoot
+from device_sim.boot import SimBoot, account_kwargs
 from device_sim.faults import FaultNotApplied, PlannedFault, clear, inject
 from device_sim.scenario import Scenario, load_scenario
 from gateway.aio import cancel_and_wait
@@ -85,9 +85,7 @@ class Shard:
                                 keepalive_s=sc.broker.keepalive_s,
                                 username=sc.broker.username_for(clinic, device),
                                 password=sc.broker.password())
-            own = creds.get(f"{clinic}/{device}")
-            account = {} if own is None else {
-                "username": own.username, "password": own.password, "client_id": own.client_id}
+            account = account_kwargs(creds.get(f"{clinic}/{device}"))
             self.boots[i] = SimBoot(
                 clinic, device, mqtt, chambers=sc.fleet.chambers,
                 max_pressure_mmhg=sc.fleet.max_pressure_mmhg,
@@ -151,7 +149,7 @@ class Shard:
                         return
                     # Next session once this one is over; not on a boot we broke on purpose.
                     try:
-                        await boot.wait_until(lambda b=boot: not b.in_session,
+                        await boot.wait_until(lambda: not boot.in_session,
                                               timeout=max(1.0, end - time.time()))
                     except TimeoutError:
                         return

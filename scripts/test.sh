@@ -6,5 +6,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 .venv/bin/ruff check .
-.venv/bin/mypy gateway  # the type checker (pyproject [tool.mypy]); device_sim and tests: not yet
+.venv/bin/mypy gateway device_sim  # the type checker (pyproject [tool.mypy]); tests: not yet
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"
