@@ -59,6 +59,8 @@ async def run_demo(opts: DemoOptions, out: TextIO) -> int:
     workdir = opts.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "gateway.log"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     with log_path.open("w") as log_file:
         setup_logging("INFO", "json", log_file)
         servers: list[LocalMosquitto | LocalInflux] = []
@@ -81,6 +83,10 @@ async def run_demo(opts: DemoOptions, out: TextIO) -> int:
         finally:
             for s in servers:
                 s.stop()
+            # The log file closes here: a handler left on it would make every later log call
+            # in this process fail (the demo runs inside other programs and the tests too).
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
 
 
 async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: LocalInflux,

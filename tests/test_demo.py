@@ -30,3 +30,15 @@ async def test_the_demo_vents_the_stuck_valve_and_stores_what_was_sent(tmp_path:
             if key == "clinic-1/boot-003":
                 assert outcome == "vented" and int(vents) == 1, text
         assert text.count("hard_ceiling") == 1, f"run {run}: {text}"
+
+
+async def test_the_demo_leaves_the_process_logging_as_it_found_it(tmp_path: Path) -> None:
+    """Its log file is closed at the end: a handler left on it made every later log call in
+    the process print a 'Logging error' traceback (and the rest of the test run crawl)."""
+    import logging
+
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    assert await run_demo(DemoOptions(boots=2, seconds=3, stuck_boot=0, workdir=tmp_path),
+                          io.StringIO()) == 0
+    assert (root.handlers[:], root.level) == before
