@@ -9,7 +9,8 @@ are built in code instead of edited by hand: the package grafana/generator/ hold
 (alerts.py). This file only renders them to text and writes or checks the files.
 tests/test_grafana.py proves the committed files are what it generates;
 tests/test_grafana_queries.py runs every query against a real influxd. Queries are InfluxQL over
-the schema in gateway/points.py (InfluxDB 1.x natively, 2.x through its v1 API);
+the schema of gateway/schema.py and gateway/points.py (InfluxDB 1.x natively, 2.x through its
+v1 API);
 grafana/README.md says what each dashboard and alert rule is for.
 
 Each query carries an `Expect` (never written to the JSON): the columns it must return with

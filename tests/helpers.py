@@ -144,6 +144,6 @@ def grafana_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("grafana_generate", GRAFANA_GENERATOR)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules["grafana_generate"] = module  # dataclasses look their module up there
+    sys.modules["grafana_generate"] = module  # loaded once per test run
     spec.loader.exec_module(module)
     return module

@@ -34,6 +34,7 @@ import pytest
 from device_sim.boot import SimBoot
 from device_sim.local_stack import LocalInflux, LocalMosquitto, dynsec_conf, free_port
 from gateway import provision
+from gateway.aio import cancel_and_wait
 from gateway.boot_credentials import BootCredentials, load_credentials
 from gateway.broker_admin import BrokerAdmin, BrokerAdminError
 from gateway.contract import HEARTBEAT_TOPIC, BootState, Channel, CommandKind, topic
@@ -603,9 +604,7 @@ async def test_gateway_with_its_identity_runs_sessions_with_provisioned_boots(
             assert stored >= 5
             assert all(b.connections == 1 for b in boots), "a boot was displaced"
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
 
 async def test_gateway_refused_its_subscriptions_sends_no_heartbeat(
@@ -629,8 +628,7 @@ async def test_gateway_refused_its_subscriptions_sends_no_heartbeat(
                                    for r in caplog.records), WAIT_S, "the refusal logged")
         assert not gw.link.connected.is_set()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([task])
 
 
 # ---------------------------------------------------------------- the real commands
@@ -744,8 +742,7 @@ async def test_provisioning_over_tls_to_a_tls_only_broker(
         try:
             await boot.wait_connected(WAIT_S)
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
         plain = settings.model_copy(update={
             "mqtt": MqttSettings(host="127.0.0.1", port=port, username=GATEWAY_USER,
                                  client_id=GATEWAY_CLIENT_ID),

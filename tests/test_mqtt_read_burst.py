@@ -18,6 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from device_sim.local_stack import LocalMosquitto
+from gateway.aio import cancel_and_wait
 from gateway.mqtt_internals import READ_BURST_PACKETS
 from gateway.mqtt_link import MqttLink, subscribe_options
 from gateway.settings import MqttSettings
@@ -62,8 +63,7 @@ async def test_a_backlog_is_read_in_a_few_loop_turns(mosquitto: LocalMosquitto, 
             await asyncio.sleep(0)
             turns += 1
     finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
+        await cancel_and_wait([runner])
     assert len(received) == 1 + BACKLOG, f"read {len(received) - 1} of {BACKLOG}"
     if burst == 1:
         assert turns > BACKLOG // 2, f"control read {BACKLOG} packets in {turns} turns"

@@ -27,6 +27,7 @@ from device_sim.__main__ import _mqtt_settings, _parser
 from device_sim.__main__ import main as sim_main
 from device_sim.boot import SimBoot
 from device_sim.local_stack import LocalInflux, LocalMosquitto, MosquittoTls, free_port
+from gateway.aio import cancel_and_wait
 from gateway.mqtt_link import MqttLink
 from gateway.mqtt_tls import TLS_MIN_VERSION, client_security, mqtt_password, tls_context
 from gateway.settings import GatewaySettings, MqttSettings, is_loopback_host
@@ -215,8 +216,7 @@ async def test_session_runs_end_to_end_over_tls(
             assert resp.status_code < 300, resp.text
             await boot.wait_for_vent(timeout=10)
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -241,8 +241,7 @@ async def test_broker_with_a_certificate_from_another_ca_is_never_talked_to(
         assert record.levelno == logging.WARNING
         assert not link.connected.is_set()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([task])
 
 
 @pytest.mark.integration
@@ -265,8 +264,7 @@ async def test_boot_with_the_wrong_ca_stays_offline(
                         and "certificate verify failed" in getattr(r, "error", ""), timeout=10)
         assert not boot.connected and boot.connections == 0
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([task])
 
 
 @pytest.mark.integration
@@ -316,8 +314,7 @@ async def test_simulated_boot_connects_with_a_client_certificate(
         await boot.wait_until(lambda: boot.connected, timeout=10)
         assert boot.state_publishes >= 1
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([task])
 
 
 # ---------------------------------------------------------------------------- settings
