@@ -258,6 +258,12 @@ class BootState(_Msg):
     def _zones_match(self) -> BootState:
         if len(self.zones) != self.chambers:
             raise ValueError(f"zones has {len(self.zones)} entries for {self.chambers} chambers")
+        # A program is only ever sent to a boot with one target per chamber; a state claiming
+        # otherwise cannot be watched chamber by chamber (rule 2), so it is refused whole.
+        if self.session is not None and len(self.session.program.targets_mmhg) != self.chambers:
+            raise ValueError(
+                f"session program has {len(self.session.program.targets_mmhg)} targets for "
+                f"{self.chambers} chambers")
         return self
 
 

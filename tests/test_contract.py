@@ -7,12 +7,16 @@ import json
 import pytest
 
 from gateway.contract import (
+    ActiveSession,
     BootState,
     Channel,
     Command,
     CommandKind,
     PayloadError,
+    Mode,
     Phase,
+    ProgramTiming,
+    SessionProgram,
     Telemetry,
     TopicError,
     decode,
@@ -91,6 +95,17 @@ def test_state_zones_must_match_chambers() -> None:
     with pytest.raises(ValueError, match="zones has 1 entries for 2 chambers"):
         BootState(online=True, firmware="f", chambers=2, zones=["foot"], max_pressure_mmhg=120,
                   telemetry_period_s=0.5, ts=0)
+
+
+def test_state_session_program_must_have_one_target_per_chamber() -> None:
+    """The watchdog judges rule 2 chamber by chamber; a mismatched program cannot be watched."""
+    timing = ProgramTiming(inflate_s=5, hold_s=5, deflate_s=5, pause_s=5)
+    program = SessionProgram(name="p", mode=Mode.SEQUENTIAL, targets_mmhg=[40.0],
+                             duration_s=600, timing=timing)
+    with pytest.raises(ValueError, match="session program has 1 targets for 2 chambers"):
+        BootState(online=True, firmware="f", chambers=2, zones=["foot", "calf"],
+                  max_pressure_mmhg=120, telemetry_period_s=0.5, ts=0,
+                  session=ActiveSession(session_id="s-1", program=program, started_at=0))
 
 
 def test_start_command_needs_a_program() -> None:

@@ -130,14 +130,20 @@ def _finite(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.floats(min_value=lo, max_value=hi)
 
 
-PROGRAM = st.fixed_dictionaries({
-    "name": st.text(min_size=1, max_size=80),
-    "mode": st.sampled_from([m.value for m in Mode]),
-    "targets_mmhg": st.lists(_finite(0, 200), min_size=1, max_size=MAX_CHAMBERS),
-    "duration_s": _finite(1, 4 * 3600),
-    "timing": st.fixed_dictionaries({"inflate_s": _finite(0.1, 120), "hold_s": _finite(0, 120),
-                                     "deflate_s": _finite(0.1, 120), "pause_s": _finite(0, 120)}),
-}, optional={"max_inflation_s": _finite(0.1, 600)})
+def _program(min_chambers: int = 1, max_chambers: int = MAX_CHAMBERS
+             ) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({
+        "name": st.text(min_size=1, max_size=80),
+        "mode": st.sampled_from([m.value for m in Mode]),
+        "targets_mmhg": st.lists(_finite(0, 200), min_size=min_chambers, max_size=max_chambers),
+        "duration_s": _finite(1, 4 * 3600),
+        "timing": st.fixed_dictionaries({
+            "inflate_s": _finite(0.1, 120), "hold_s": _finite(0, 120),
+            "deflate_s": _finite(0.1, 120), "pause_s": _finite(0, 120)}),
+    }, optional={"max_inflation_s": _finite(0.1, 600)})
+
+
+PROGRAM = _program()
 
 VALID: dict[Channel, st.SearchStrategy[dict[str, Any]]] = {
     Channel.TELEMETRY: st.fixed_dictionaries({
@@ -151,7 +157,8 @@ VALID: dict[Channel, st.SearchStrategy[dict[str, Any]]] = {
         "max_pressure_mmhg": _finite(1, 300), "telemetry_period_s": _finite(0.01, 60),
         "ts": TS,
     }, optional={"session": st.fixed_dictionaries(
-        {"session_id": IDS, "program": PROGRAM, "started_at": TS}, optional={"cmd_id": IDS})})),
+        {"session_id": IDS, "program": _program(n, n), "started_at": TS},
+        optional={"cmd_id": IDS})})),
     Channel.EVENT: st.fixed_dictionaries({
         "kind": st.sampled_from([k.value for k in EventKind]), "ts": TS,
     }, optional={"session_id": IDS, "detail": st.text(max_size=500)}),
@@ -345,6 +352,7 @@ def check_message(channel: Channel, msg: object, payload: bytes) -> None:
             assert is_valid_id(msg.session.session_id) and _id_or_none(msg.session.cmd_id)
             assert _finite_in(msg.session.started_at, -math.inf, math.inf)
             _program_ok(msg.session.program)
+            assert len(msg.session.program.targets_mmhg) == msg.chambers  # §4.1
     elif isinstance(msg, BootEvent):
         assert isinstance(msg.kind, EventKind) and _device_time(msg.ts)
         assert _id_or_none(msg.session_id) and (msg.detail is None or len(msg.detail) <= 500)
@@ -528,6 +536,16 @@ def _ingest_one(gw: Gateway, submitted: list[Point], name: str, payload: bytes) 
            b'{"online": true, "firmware": "", "chambers": 1, "zones": ["\\ud800"], '
            b'"max_pressure_mmhg": 1.0, "telemetry_period_s": 1.0, "ts": 0.0}')])
 @example([(f"{TOPIC_ROOT}/c1/b1/state\n", b"{}")])
+@example([  # a session program with 1 target for 11 chambers: the watchdog raised (CI run 17)
+    (topic("c2", "b1", Channel.STATE),
+     b'{"online": false, "firmware": "", "chambers": 11, "zones": ["", "", "", "", "", "", "",'
+     b' "", "", "", ""], "max_pressure_mmhg": 1.0, "telemetry_period_s": 1.0, "ts": 0.0, '
+     b'"session": {"session_id": "0", "program": {"name": "0", "mode": "sequential", '
+     b'"targets_mmhg": [0.0], "duration_s": 1.0, "timing": {"inflate_s": 1.0, "hold_s": 0.0,'
+     b' "deflate_s": 1.0, "pause_s": 0.0}}, "started_at": 0.0}}'),
+    (topic("c2", "b1", Channel.TELEMETRY),
+     b'{"seq": 0, "ts": 0.0, "phase": "idle", "pressures": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,'
+     b' 0.0, 0.0, 0.0, 0.0]}')])
 def test_ingest_never_raises_counts_every_rejection_and_touches_only_the_named_boot(
     gateway_factory: Callable[[], Gateway], messages: list[tuple[str, bytes]],
 ) -> None:
