@@ -38,6 +38,10 @@ async def test_restarted_gateway_resumes_sessions_and_vents(
                                          json={"custom": program})
                 assert r.status_code == 202
                 session_ids[device] = r.json()["session_id"]
+            # The second gateway resumes from the retained state: wait until it carries every
+            # session (a start still in flight at shutdown made this test time out under load).
+            await wait_for(lambda: all(first.gw.fleet.boots[k].state.session is not None
+                                       for k in fleet.boots), 10, "sessions in retained state")
 
         # The first gateway is gone; a boot develops a stuck valve while nobody watches.
         b1.inject_stuck_valve(0)
