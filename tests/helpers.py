@@ -74,6 +74,11 @@ class RunningGateway:
         return self.influx.query(self.db, q)
 
 
+# Spools and journals of test gateways, removed when the test process exits (they were left
+# in /tmp: thousands of directories after a few runs).
+_SCRATCH = tempfile.TemporaryDirectory(prefix="gw-tests-")
+
+
 def mqtt_of(mosquitto: LocalMosquitto) -> MqttSettings:
     return MqttSettings(host="127.0.0.1", port=mosquitto.port)
 
@@ -90,14 +95,14 @@ def gateway_settings(mosquitto: LocalMosquitto, server: LocalInflux, db: str | N
                           client_id=f"gw-{secrets.token_hex(4)}"),
         influx=over.pop("influx", None) or InfluxSettings(
             url=server.url, database=db or f"t_{secrets.token_hex(4)}", flush_interval_s=0.1,
-            spool_dir=Path(tempfile.mkdtemp(prefix="gw-spool-"))),
+            spool_dir=Path(tempfile.mkdtemp(prefix="gw-spool-", dir=_SCRATCH.name))),
         api=over.pop("api", None) or ApiSettings(port=free_port(), allow_anonymous=True),
         programs=ProgramLimits(min_duration_s=2, min_cycle_s=1, min_release_s=1, start_expiry_s=5),
         watchdog=over.pop("watchdog", WatchdogSettings(telemetry_loss_floor_s=1.0)),
         command_ack_timeout_s=over.pop("command_ack_timeout_s", 5),
         heartbeat_interval_s=0.5,
         session_journal=over.pop("session_journal", None) or Path(
-            tempfile.mkdtemp(prefix="gw-state-")) / "sessions.jsonl",
+            tempfile.mkdtemp(prefix="gw-state-", dir=_SCRATCH.name)) / "sessions.jsonl",
         **over,
     )
 

@@ -197,7 +197,8 @@ class GatewayModel(RuleBasedStateMachine):
         self.in_flight: list[InFlight] = []
         self.queued: list[InFlight] = []  # QoS 1 for the gateway while it is down
         self.retained: dict[str, bytes] = {}
-        self.journal = Path(tempfile.mkdtemp(prefix="model-gw-")) / "sessions.jsonl"
+        self.scratch = tempfile.TemporaryDirectory(prefix="model-gw-")
+        self.journal = Path(self.scratch.name) / "sessions.jsonl"
         self.gw: Gateway | None = None
         self.down_since: float | None = None
         self.boots: dict[str, ModelBoot] = {}
@@ -642,6 +643,7 @@ class GatewayModel(RuleBasedStateMachine):
             if self.gw is not None:
                 self.gw.journal.close()
             self.loop.close()
+            self.scratch.cleanup()
 
 
 GatewayModel.TestCase.settings = settings(
