@@ -1,7 +1,8 @@
 """HTTP control API for clinic apps and the front desk (OpenAPI at /openapi.json, docs at /docs).
 
-A thin adapter: every route calls one method of `Gateway`. Who may call which route is decided
-before FastAPI sees the request, by the gate (gateway/api_guard.py) from the one route table
+A thin adapter: every route calls the control facade (gateway/control.py::Control) and
+nothing else of the gateway. Who may call which route is decided before FastAPI sees the
+request, by the gate (gateway/api_guard.py) from the one route table
 (gateway/api_users.py::ROUTES); the routes get the caller from it (`CallerDep`) and write the
 audit trail (gateway/audit.py) for every start, stop, vent and alarm acknowledgement.
 """
@@ -26,10 +27,11 @@ from gateway.api_users import Authenticator, Principal, Role, RouteRule, RouteTa
 from gateway.audit import AuditAction, AuditEvent, AuditResult
 from gateway.commands import CommandOutcome, TrackedCommand
 from gateway.contract import Alarm, SessionProgram
+from gateway.control import Control, UnknownBoot
 from gateway.fleet import Boot
 from gateway.mqtt_link import NotConnected
 from gateway.programs import CATALOGUE
-from gateway.service import Gateway, UnknownBoot
+from gateway.service import Gateway
 from gateway.settings import Intensity
 
 log = logging.getLogger("gateway.api")
@@ -39,8 +41,8 @@ _bearer = HTTPBearer(auto_error=False, description="a user's token (`boot-gatewa
                      "or api.token")
 
 
-def get_gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+def get_control(request: Request) -> Control:
+    return request.app.state.control
 
 
 def authorize(
@@ -59,7 +61,7 @@ class ErrorDetail(BaseModel):
     detail: str
 
 
-GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+ControlDep = Annotated[Control, Depends(get_control)]
 CallerDep = Annotated[Principal, Depends(authorize)]
 _GUARDED: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorDetail, "description": "missing or wrong bearer token "
@@ -70,13 +72,13 @@ _GUARDED: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)], responses=_GUARDED)
 
 
-def _boot_tags(gw: Gateway, clinic: str | None, device: str | None
+def _boot_tags(gw: Control, clinic: str | None, device: str | None
                ) -> tuple[str | None, str | None, str]:
     """The audit record's clinic and device tags: only for a boot the gateway knows, so that
     a caller naming boots at will makes no new series; otherwise the names go to `detail`."""
     if clinic is None or device is None:
         return None, None, ""
-    if gw.fleet.get(clinic, device) is not None:
+    if gw.knows(clinic, device):
         return clinic, device, ""
     return None, None, f"unknown boot {clinic[:64]!r}/{device[:64]!r}: "
 
@@ -100,7 +102,7 @@ def _reason_text(detail: Any) -> str:
 
 
 @contextlib.contextmanager
-def _audited(gw: Gateway, caller: Principal, action: AuditAction, clinic: str | None = None,
+def _audited(gw: Control, caller: Principal, action: AuditAction, clinic: str | None = None,
              device: str | None = None) -> Iterator[_Audit]:
     record = _Audit(clinic=clinic, device=device)
     try:
@@ -201,7 +203,7 @@ class VentRequest(BaseModel):
     wait: bool = True
 
 
-def _boot_view(gw: Gateway, boot: Boot) -> BootView:
+def _boot_view(gw: Control, boot: Boot) -> BootView:
     session = None
     if boot.session is not None:
         s = boot.session
@@ -232,7 +234,7 @@ def _command_view(tracked: TrackedCommand) -> CommandView:
     )
 
 
-def _boot_or_404(gw: Gateway, clinic: str, device: str) -> Boot:
+def _boot_or_404(gw: Control, clinic: str, device: str) -> Boot:
     try:
         return gw.boot(clinic, device)
     except UnknownBoot as exc:
@@ -240,13 +242,12 @@ def _boot_or_404(gw: Gateway, clinic: str, device: str) -> Boot:
 
 
 @router.get("/boots", response_model=list[BootView])
-def list_boots(gw: GatewayDep, clinic: str | None = None) -> list[BootView]:
-    boots = sorted(gw.fleet.boots.values(), key=lambda b: b.key)
-    return [_boot_view(gw, b) for b in boots if clinic is None or b.clinic == clinic]
+def list_boots(gw: ControlDep, clinic: str | None = None) -> list[BootView]:
+    return [_boot_view(gw, b) for b in gw.boots(clinic)]
 
 
 @router.get("/boots/{clinic}/{device}", response_model=BootView)
-def get_boot(gw: GatewayDep, clinic: str, device: str) -> BootView:
+def get_boot(gw: ControlDep, clinic: str, device: str) -> BootView:
     return _boot_view(gw, _boot_or_404(gw, clinic, device))
 
 
@@ -267,7 +268,7 @@ def list_programs() -> list[ProgramView]:
                502: {"model": Refusal, "description": "the boot rejected or did not ack"}},
 )
 async def start_session(
-    gw: GatewayDep, caller: CallerDep, clinic: str, device: str, body: StartRequest
+    gw: ControlDep, caller: CallerDep, clinic: str, device: str, body: StartRequest
 ) -> StartResponse:
     with _audited(gw, caller, AuditAction.SESSION_START, clinic, device) as audit:
         boot = _boot_or_404(gw, clinic, device)
@@ -282,7 +283,7 @@ async def start_session(
             if template is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND,
                                     f"no program {body.program!r}; known: {sorted(CATALOGUE)}")
-            program = template.resolve(boot.state.chambers, gw.settings.programs)
+            program = gw.resolve_program(template, boot)
             what = f"program {template.key}"
         result = await gw.start_session(clinic, device, program, wait=body.wait)
         audit.ids.update(cmd_id=result.cmd_id or "", session_id=result.session_id or "")
@@ -302,7 +303,7 @@ async def start_session(
 
 
 @router.post("/boots/{clinic}/{device}/stop", response_model=CommandView)
-async def stop_session(gw: GatewayDep, caller: CallerDep, clinic: str, device: str,
+async def stop_session(gw: ControlDep, caller: CallerDep, clinic: str, device: str,
                        wait: bool = True) -> CommandView:
     with _audited(gw, caller, AuditAction.SESSION_STOP, clinic, device) as audit:
         _boot_or_404(gw, clinic, device)
@@ -315,7 +316,7 @@ async def stop_session(gw: GatewayDep, caller: CallerDep, clinic: str, device: s
 
 
 @router.post("/boots/{clinic}/{device}/vent", response_model=CommandView)
-async def vent(gw: GatewayDep, caller: CallerDep, clinic: str, device: str,
+async def vent(gw: ControlDep, caller: CallerDep, clinic: str, device: str,
                body: VentRequest | None = None) -> CommandView:
     with _audited(gw, caller, AuditAction.VENT, clinic, device) as audit:
         _boot_or_404(gw, clinic, device)
@@ -330,8 +331,8 @@ async def vent(gw: GatewayDep, caller: CallerDep, clinic: str, device: str,
 
 
 @router.get("/commands/{cmd_id}", response_model=CommandView)
-def get_command(gw: GatewayDep, cmd_id: str) -> CommandView:
-    tracked = gw.commands.get(cmd_id)
+def get_command(gw: ControlDep, cmd_id: str) -> CommandView:
+    tracked = gw.command(cmd_id)
     if tracked is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recent command {cmd_id}")
     return _command_view(tracked)
@@ -345,14 +346,14 @@ class AckAlarmRequest(BaseModel):
 
 
 @router.get("/alarms", response_model=list[Alarm])
-def list_alarms(gw: GatewayDep, include_cleared: bool = False, clinic: str | None = None
+def list_alarms(gw: ControlDep, include_cleared: bool = False, clinic: str | None = None
                 ) -> list[Alarm]:
     """Alarms latch: listed until acknowledged and resolved (see docs/safety.md)."""
-    return [a for a in gw.alarms.listed(include_cleared) if clinic is None or a.clinic == clinic]
+    return gw.listed_alarms(include_cleared, clinic)
 
 
 @router.post("/alarms/{alarm_id}/ack", response_model=Alarm)
-async def acknowledge_alarm(gw: GatewayDep, caller: CallerDep, alarm_id: str,
+async def acknowledge_alarm(gw: ControlDep, caller: CallerDep, alarm_id: str,
                             body: AckAlarmRequest | None = None) -> Alarm:
     with _audited(gw, caller, AuditAction.ALARM_ACK) as audit:
         audit.ids["alarm_id"] = alarm_id[:200]
@@ -381,7 +382,7 @@ class AuditView(BaseModel):
 
 @router.get("/audit", response_model=list[AuditView])
 def list_audit(
-    gw: GatewayDep,
+    gw: ControlDep,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 100,
     actor: str | None = None,
     role: Role | None = None,
@@ -394,9 +395,8 @@ def list_audit(
 ) -> list[AuditView]:
     """The newest audit records kept in memory (`api.audit_keep`), newest first; all of them
     are in InfluxDB (measurement `audit`, docs/schema.md)."""
-    found = gw.audit_trail.query(limit=limit, actor=actor, role=role.value if role else None,
-                                 action=action, result=result, clinic=clinic, device=device,
-                                 since=since)
+    found = gw.audit(limit=limit, actor=actor, role=role.value if role else None,
+                     action=action, result=result, clinic=clinic, device=device, since=since)
     return [AuditView(time=r.time, actor=r.event.actor, role=r.event.role,
                       action=r.event.action, result=r.event.result, clinic=r.event.clinic,
                       device=r.event.device, detail=r.event.detail, ids=dict(r.event.ids))
@@ -453,7 +453,8 @@ class Stats(BaseModel):
 def create_app(gateway: Gateway) -> FastAPI:
     """The API app; refuses (ApiClosedError) when the API has no users and is not open on
     purpose, so a gateway is never started with an API that anyone can use by accident."""
-    api = gateway.settings.api
+    control = gateway.control
+    api = control.settings.api
     authenticator = Authenticator(api)  # raises ApiClosedError: no user, no token, not open
     if authenticator.anonymous:
         log.warning("API open to anyone: api.allow_anonymous is set, every caller is the ops "
@@ -465,15 +466,15 @@ def create_app(gateway: Gateway) -> FastAPI:
         "Every /api call needs `Authorization: Bearer <token>` of a user whose role may call "
         "it (front_desk, manager, ops; docs/deploy.md).",
     )
-    app.state.gateway = gateway
+    app.state.control = control
     app.include_router(router)
     counters = app.state.api_counters = ApiCounters()
 
     def forbidden(principal: Principal, rule: RouteRule, params: dict[str, str]) -> None:
         assert rule.action is not None
         alarm_id = params.get("alarm_id")
-        clinic, device, note = _boot_tags(gateway, params.get("clinic"), params.get("device"))
-        gateway.record_audit(AuditEvent(
+        clinic, device, note = _boot_tags(control, params.get("clinic"), params.get("device"))
+        control.record_audit(AuditEvent(
             actor=principal.name, role=principal.role.value, action=rule.action,
             result=AuditResult.REFUSED, clinic=clinic, device=device,
             detail=f"{note}role {principal.role.value} may not {rule.action.value}",
@@ -482,8 +483,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     # Before FastAPI reads a byte of the body: the token, the role, then the size.
     app.add_middleware(ApiGuard, authenticator=authenticator, max_body_bytes=api.max_body_bytes,
                        counters=counters, routes=RouteTable(), on_forbidden=forbidden,
-                       log_interval_s=gateway.settings.reject_log_interval_s,
-                       monotonic=gateway.monotonic)
+                       log_interval_s=control.settings.reject_log_interval_s,
+                       monotonic=control.monotonic)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -501,21 +502,20 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/health", response_model=Health, tags=["ops"])
     def health() -> Health:
-        mqtt_ok = gateway.link.connected.is_set()
-        influx_ok = gateway.writer.stats.connected
-        storage_fault = gateway.writer.storage_fault is not None or not gateway.writer.task_alive
+        h = control.health()
         return Health(
-            status="ok" if mqtt_ok and influx_ok and not storage_fault else "degraded",
-            mqtt_connected=mqtt_ok, influx_connected=influx_ok,
-            storage_queue=gateway.writer.queue_depth, spool_points=gateway.writer.spool_points,
-            boots=gateway.fleet.counts(), storage_fault=storage_fault,
+            status="ok" if h.mqtt_connected and h.influx_connected and not h.storage_fault
+            else "degraded",
+            mqtt_connected=h.mqtt_connected, influx_connected=h.influx_connected,
+            storage_queue=h.storage_queue, spool_points=h.spool_points,
+            boots=h.boots, storage_fault=h.storage_fault,
         )
 
     @app.get("/api/v1/stats", response_model=Stats, tags=["ops"],
              dependencies=[Depends(authorize)], responses=_GUARDED)
     def stats() -> Stats:
         # The same snapshot gateway_health is made of (gateway/stats.py): one meaning per name.
-        s = gateway.snapshot()
+        s = control.snapshot()
         return Stats(
             messages=s.messages, rejected=s.rejected,
             vents_sent=s.vents_sent, vents_confirmed=s.vents_confirmed,
@@ -533,7 +533,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             mqtt_reconnects=s.mqtt_reconnects, loop_lag_max_ms=s.loop_lag_max_ms,
             gc_pause_max_ms=s.gc_pause_max_ms,
             api_refused=dict(counters.refused), api_anonymous=authenticator.anonymous,
-            api_users=authenticator.users, audit_records=gateway.audit_trail.recorded,
+            api_users=authenticator.users, audit_records=control.audit_records,
         )
 
     return app

@@ -8,7 +8,8 @@ plain frozen value: taking it does no I/O and never blocks the event loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.contract import Channel
@@ -17,6 +18,20 @@ from gateway.lineprotocol import FieldValue
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
+
+
+@dataclass
+class IngestStats:
+    """The counters the ingest, the effects and the session lifecycle add to as they go."""
+
+    messages: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    vents_sent: int = 0
+    safety_events: int = 0
+    vents_confirmed: int = 0
+    sessions_resumed: int = 0
+    loop_lag_max_ms: float = 0.0  # worst event-loop delay seen: the gateway's own backlog
+
 
 # The MQTT channels whose message counts `gateway_health` carries as `msgs_<channel>`.
 HEALTH_CHANNELS = (Channel.TELEMETRY.value, Channel.STATE.value, Channel.EVENT.value,
