@@ -18,11 +18,11 @@ from pydantic import ValidationError
 from device_sim import runner
 from device_sim.demo import DemoOptions, run_demo
 from device_sim.fleet import SimFleet
+from device_sim.gateway_rules import CATALOGUE
 from device_sim.scenario import ScenarioError, load_scenario
 from device_sim.worker import run_worker
 from gateway.boot_credentials import BootCredentials, CredentialsError, load_credentials
 from gateway.logs import setup_logging
-from gateway.programs import CATALOGUE
 from gateway.settings import PLACEHOLDER_PREFIX, MqttSettings
 
 log = logging.getLogger("device_sim")

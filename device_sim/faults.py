@@ -13,6 +13,9 @@ parameters that change the outcome (a spike below the ceiling, a dead sensor tha
 plausible value, ...). One entry is a requirement the gateway does not meet yet: a
 `clock_step` must cause nothing, while today's rule 3 times inflation on the boot's clock
 (see its note). It is kept as the requirement, not bent to today's gateway.
+
+The gateway's rule names, default settings and `default_ceiling_mmhg` (re-exported here)
+come from `device_sim.gateway_rules`, the simulator's one door into the gateway's rules.
 """
 
 from __future__ import annotations
@@ -28,9 +31,8 @@ import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from device_sim.boot import MalformedKind, SimBoot
+from device_sim.gateway_rules import ProgramLimits, Rule, WatchdogSettings, default_ceiling_mmhg
 from gateway.contract import SENSOR_MIN_MMHG
-from gateway.settings import ProgramLimits, WatchdogSettings
-from gateway.watchdog import Rule
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +313,6 @@ EXPECTED: dict[FaultKind, Expectation] = {
 }
 
 VENT_WORTHY = frozenset(k for k, e in EXPECTED.items() if e.vent_expected)
-
-
-def default_ceiling_mmhg(device_max_mmhg: float = math.inf) -> float:
-    """Rule 1's ceiling with the gateway's default settings for a boot of this maximum."""
-    return min(WatchdogSettings().hard_ceiling_mmhg, ProgramLimits().clinic_ceiling_mmhg,
-               device_max_mmhg)
 
 
 def expectation(

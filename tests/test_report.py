@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,7 @@ from device_sim.report import (
     write_all,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_261_000.0  # run start, unix s
 STUCK = [f"clinic-{c}/boot-{n:04d}" for c, n in ((1, 3), (1, 7), (2, 12), (2, 19), (3, 25))]
 LEAK = "clinic-1/boot-0010"
@@ -516,3 +520,34 @@ def test_a_clock_step_must_stay_quiet_until_after_its_return() -> None:
     # Without a return only the step itself is watched.
     assert build_report(totals(), [clock_step(T0 + 30, None)], [det], [], [],
                         expectations()).passed
+
+
+_WITHOUT_PLOT_LIBS = """
+import sys
+for name in ("matplotlib", "numpy", "rich"):
+    sys.modules[name] = None  # importing any of them now raises ImportError
+from device_sim.report import (Expectations, Totals, build_report, exit_code, plot,
+                               summary_text)
+totals = Totals(scenario="s", boots=1, clinics=1, processes=1, duration_s=1.0,
+                telemetry_sent=0, messages_per_s=0.0, sessions_requested=0, sessions_started=0,
+                sim_cpu_percent=0.0, sim_peak_rss_mb=0.0, boots_connected=1, connect_failures=0,
+                fd_limit=1024)
+report = build_report(totals, [], [], [], [], Expectations(telemetry_stored=False,
+                                                           min_sessions_started_fraction=0))
+assert summary_text(report).startswith("PASS"), summary_text(report)
+assert exit_code(report) == 0
+try:
+    plot(report, [], "x.png")
+except ImportError:
+    print("plot needs matplotlib")
+"""
+
+
+def test_judging_and_text_work_without_the_plot_and_terminal_libraries(tmp_path: Path) -> None:
+    """The report's plotting (matplotlib, numpy) and colour (rich) libraries are imported only
+    where they are used, so a run can be judged and summarised where they are missing."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_PLOT_LIBS], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "plot needs matplotlib"

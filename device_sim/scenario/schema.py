@@ -1,22 +1,9 @@
-"""Fleet-simulation scenarios as files: the fleet, its sessions, scripted faults, pass criteria.
+"""The scenario schema: pydantic models of a fleet simulation and its cross-field checks.
 
-A scenario is YAML (.yaml/.yml) or TOML (.toml), validated by the pydantic models below (no
-unknown keys anywhere). Every problem is reported as `file:line: field.path: message`, so ops
-can fix a file without reading Python: YAML lines come from the composed node tree, TOML lines
-from a cheap scan for `key =` and table headers (best effort; the path is always given).
-
-`Scenario.fault_plan(seed)` expands the faults into a deterministic list of `PlannedFault`:
-exact times (`at_s`) or Poisson arrivals (`rate_per_boot_hour`, drawn with
-`random.Random`), on boots chosen from the seed. Non-overlap rule: a fault occupies its boot
-from `at_s` until its end (`params.down_s`, or the rest of the run for open-ended ones) plus
-the kind's detection window plus RECOVERY_S (15 s, for the vent to be confirmed and a new
-session to start); no other fault is planned on that boot in that span. So each boot has at
-most one fault at a time and every safety event on it can be attributed to that one fault.
-A fault whose clear is an event of its own (a `clock_step`'s return, `params.return_s`) must
-leave that event's detection window inside the run as well.
-Exact times are booked first and refused if they do not fit; a random arrival that finds no
-free boot is left out. Faults that need a session go only to `session_boots()` and not before
-`sessions.start_within_s` + 2 s; every fault leaves its detection window inside the run.
+No unknown keys anywhere. Programs and detection windows are checked against the gateway's own
+catalogue, default limits and timing (through `device_sim.gateway_rules`), and the fault plan
+must fit (`device_sim.scenario.plan`); every problem is a `Problem` with its field path, to
+which the loader adds the line.
 
 Cross-field rules (checked on load, each with its own line): at_s xor rate; times inside the
 run; boots per fault within the boots that can take it; chamber only where a kind acts on one
@@ -30,16 +17,11 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
 import string
-import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic import model_validator as _model_validator
 
 from device_sim.faults import (
@@ -50,15 +32,20 @@ from device_sim.faults import (
     FaultKind,
     FaultParams,
     PlannedFault,
-    ReconnectStormParams,
-    default_ceiling_mmhg,
     expectation,
     nominal_detect_s,
 )
-from gateway.boot_credentials import CredentialsError, load_credentials
+from device_sim.gateway_rules import (
+    CATALOGUE,
+    BootLimits,
+    ProgramLimits,
+    WatchdogSettings,
+    check_program,
+    default_ceiling_mmhg,
+)
+from device_sim.scenario.errors import Loc, Problem, ScenarioError
+from device_sim.scenario.plan import expand
 from gateway.contract import ID_PATTERN, MAX_CHAMBERS
-from gateway.programs import CATALOGUE, BootLimits, check_program
-from gateway.settings import ProgramLimits, WatchdogSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -66,48 +53,10 @@ HTTP_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
 DEFAULT_DETECT_S = 10.0
 # A kind left to the `default` window gets at least the gateway's own timing plus this.
 DETECT_MARGIN_S = 2.0
-# After a fault's detection window: time for the vent to be confirmed and a session to restart.
-RECOVERY_S = 15.0
 # Faults needing a session come no earlier than start_within_s + this (the start's round trip).
 SESSION_SETTLE_S = 2.0
 # processes: 0 -> one simulator process per this many boots (at most 2 per CPU).
 BOOTS_PER_PROCESS = 500
-# A plan this long is a typo in a rate, not a simulation.
-MAX_PLANNED_FAULTS = 100_000
-# Random boots tried for a fault before scanning the whole pool for a free one.
-_PROBES = 8
-# Deeper nesting than this is no scenario (they nest four levels) but a stack overflow in the
-# parsers (PyYAML's composer and tomllib recurse per level): refused first, with its line.
-MAX_NESTING = 50
-
-Loc = tuple[str | int, ...]
-
-
-# ---------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a scenario: where (field path, line) and what."""
-
-    loc: Loc
-    msg: str
-    line: int | None = None
-
-    def format(self, path: Path | str | None = None) -> str:
-        where = f"{path}:{self.line}" if path is not None and self.line else (
-            str(path) if path is not None else (f"line {self.line}" if self.line else ""))
-        field = ".".join(str(p) for p in self.loc)
-        return ": ".join(p for p in (where, field, self.msg) if p)
-
-
-class ScenarioError(Exception):
-    """A scenario that cannot run; the message has one `file:line: field: problem` per line."""
-
-    def __init__(self, problems: Sequence[Problem], path: Path | str | None = None) -> None:
-        self.problems = list(problems)
-        self.path = path
-        super().__init__("\n".join(p.format(path) for p in self.problems))
 
 
 # ---------------------------------------------------------------- the schema
@@ -308,7 +257,7 @@ class Scenario(_Strict):
     def _cross_check(self) -> Scenario:
         problems = self._problems()
         if not problems:
-            problems = self._expand(self.seed)[1]
+            problems = expand(self, self.seed)[1]
         if problems:
             raise ScenarioError(problems)  # not a ValueError: pydantic lets it through as is
         return self
@@ -347,7 +296,7 @@ class Scenario(_Strict):
 
     def fault_plan(self, seed: int | None = None) -> list[PlannedFault]:
         """Every fault of the run, by time: deterministic for a seed (default: `seed`)."""
-        plan, problems = self._expand(self.seed if seed is None else seed)
+        plan, problems = expand(self, self.seed if seed is None else seed)
         if problems:
             raise ScenarioError(problems)
         return plan
@@ -463,312 +412,3 @@ class Scenario(_Strict):
                                + (f" after their {back:g} s return" if back else "")))
         return out
 
-    # ------------------------------------------------------------------ the plan
-
-    def _expand(self, seed: int) -> tuple[list[PlannedFault], list[Problem]]:
-        """The fault plan and the explicit faults that do not fit (non-overlap rule)."""
-        rng = random.Random(f"faults/{seed}")
-        in_session = self.session_boots(seed)
-        everyone = list(range(self.fleet.boots))
-        events: list[tuple[float, int, int]] = []  # (at_s, spec index, at_s index or -1)
-        arrivals: list[tuple[float, int, int]] = []
-        for i, spec in enumerate(self.faults):
-            if spec.at_s is not None:
-                events += [(at, i, j) for j, at in enumerate(spec.at_s)]
-                continue
-            assert spec.rate_per_boot_hour is not None
-            pool = len(in_session) if EXPECTED[spec.kind].session_required else len(everyone)
-            rate = spec.rate_per_boot_hour * pool / 3600.0
-            t = self._earliest_s(spec.kind)
-            end = self.duration_s - self.detect_window(spec.kind) - spec.params.return_s
-            if rate * (end - t) > MAX_PLANNED_FAULTS:
-                return [], [Problem(("faults", i, "rate_per_boot_hour"), f"about "
-                                    f"{rate * (end - t):.0f} faults: more than "
-                                    f"{MAX_PLANNED_FAULTS} in one run")]
-            while rate > 0:
-                t += rng.expovariate(rate)
-                if t >= end:
-                    break
-                arrivals.append((round(t, 3), i, -1))
-        # Exact times are booked first, so random arrivals only fill the gaps they leave.
-        busy: dict[int, list[tuple[float, float]]] = {}
-
-        def free(boot: int, start: float, until: float) -> bool:
-            return all(end <= start or begin >= until for begin, end in busy.get(boot, ()))
-
-        plan: list[PlannedFault] = []
-        problems: list[Problem] = []
-        group = 0
-        for at, i, j in sorted(events) + sorted(arrivals):
-            spec = self.faults[i]
-            window = self.detect_window(spec.kind)
-            hold = spec.params.hold_s
-            until = at + (math.inf if hold is None else hold) + window + RECOVERY_S
-            pool_ids = in_session if EXPECTED[spec.kind].session_required else everyone
-            if isinstance(spec.params, ReconnectStormParams):
-                count = max(1, round(spec.params.fraction * self.fleet.boots))
-            else:
-                count = spec.boots
-            chosen: list[int] = []
-            if count == 1 and pool_ids:  # most faults: a few random probes beat a full scan
-                probes = (rng.choice(pool_ids) for _ in range(_PROBES))
-                chosen = next(([b] for b in probes if free(b, at, until)), [])
-            if not chosen:
-                candidates = [b for b in pool_ids if free(b, at, until)]
-                if len(candidates) < count:
-                    if j >= 0:
-                        problems.append(Problem(
-                            ("faults", i, "at_s", j), f"needs {count} boot(s) free of other "
-                            f"faults at {at:g} s but only {len(candidates)} are (one fault "
-                            f"per boot until its window + {RECOVERY_S:g} s is over)"))
-                    continue  # a random arrival with no free boot is not planned
-                chosen = rng.sample(candidates, count)
-            group += 1
-            for boot in sorted(chosen):
-                chamber = spec.chamber
-                if chamber is None and spec.kind in CHAMBER_KINDS:
-                    chamber = rng.randint(1, self.fleet.chambers)
-                busy.setdefault(boot, []).append((at, until))
-                plan.append(PlannedFault(
-                    at_s=at, boot_index=boot, kind=spec.kind,
-                    chamber=chamber if spec.kind in CHAMBER_KINDS else None,
-                    params=spec.params, spec_index=i, group=group, detect_within_s=window))
-        plan.sort(key=lambda f: (f.at_s, f.boot_index, f.spec_index))
-        return plan, problems
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_scenario(path: Path) -> Scenario:
-    """Read and validate a scenario file; ScenarioError names the file, line and field."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".toml"):
-        raise ScenarioError([Problem((), "a scenario is .yaml, .yml or .toml")], path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError([Problem((), f"cannot read: {exc}")], path) from None
-    if suffix == ".toml":
-        data, line_of = _parse_toml(text, path)
-    else:
-        data, line_of = _parse_yaml(text, path)
-    if not isinstance(data, dict):
-        raise ScenarioError([Problem((), "the file must hold a mapping of fields", 1)], path)
-    try:
-        sc = Scenario.model_validate(data)
-        creds = sc.broker.credentials_file
-        if creds is not None and not creds.is_absolute():  # as the file's author sees it
-            broker = sc.broker.model_copy(update={"credentials_file": path.parent / creds})
-            sc = sc.model_copy(update={"broker": broker})
-        if sc.broker.credentials_file is not None:
-            try:  # an unusable file stops the run here, not in every worker
-                load_credentials(sc.broker.credentials_file)
-            except CredentialsError as exc:
-                raise ScenarioError([Problem(("broker", "credentials_file"), str(exc))]
-                                    ) from None
-        return sc
-    except ValidationError as exc:
-        problems = _from_validation(exc)
-    except ScenarioError as exc:
-        problems = exc.problems
-    raise ScenarioError([Problem(p.loc, p.msg, p.line or line_of(p.loc)) for p in problems],
-                        path) from None
-
-
-def _from_validation(exc: ValidationError) -> list[Problem]:
-    out = []
-    for err in exc.errors(include_url=False):
-        loc = _normalise(err["loc"])
-        msg = err["msg"]
-        if err["type"] == "union_tag_invalid":  # a bad fault kind
-            *head, last = [f"'{k.value}'" for k in FaultKind]
-            loc, msg = (*loc, "kind"), f"Input should be {', '.join(head)} or {last}"
-        elif err["type"] == "union_tag_not_found":
-            loc, msg = (*loc, "kind"), "Field required"
-        out.append(Problem(loc, msg))
-    return out
-
-
-def _normalise(loc: Sequence[str | int]) -> Loc:
-    """Drop the union tag pydantic puts after `faults.N` (the kind): it is not in the file."""
-    kinds = {k.value for k in FaultKind}
-    out: list[str | int] = []
-    for part in loc:
-        if (part in kinds and len(out) >= 2 and out[-2] == "faults"
-                and isinstance(out[-1], int)):
-            continue
-        out.append(part)
-    return tuple(out)
-
-
-def _parse_yaml(text: str, path: Path) -> tuple[Any, Any]:
-    try:
-        deep = _yaml_too_deep(text)
-        if deep is not None:
-            raise ScenarioError([Problem((), f"nested more than {MAX_NESTING} levels deep",
-                                         deep)], path)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses: no mark
-            line = text.count("\n", 0, exc.position) + 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ScenarioError([Problem((), f"YAML syntax: {problem}", line)], path) from None
-    if root is not None:
-        dupes = _yaml_duplicates(root)
-        if dupes:
-            raise ScenarioError(dupes, path)
-
-    def line_of(loc: Loc) -> int | None:
-        return None if root is None else _yaml_line(root, loc)
-
-    return data, line_of
-
-
-def _yaml_too_deep(text: str) -> int | None:
-    """The line where the nesting first exceeds MAX_NESTING, from the (iterative) scanner."""
-    depth = 0
-    for token in yaml.scan(text, Loader=yaml.SafeLoader):
-        if isinstance(token, _YAML_OPEN):
-            depth += 1
-            if depth > MAX_NESTING:
-                return int(token.start_mark.line) + 1
-        elif isinstance(token, _YAML_CLOSE):
-            depth -= 1
-    return None
-
-
-_YAML_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
-              yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
-_YAML_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
-
-
-def _yaml_duplicates(root: yaml.Node) -> list[Problem]:
-    """PyYAML keeps the last of two equal keys silently; a scenario must not.
-
-    Each node is looked at once: an alias is the node it names, so nine aliases of nine
-    aliases would otherwise be walked 9**9 times, and an alias inside its own anchor forever.
-    """
-    problems: list[Problem] = []
-    seen_nodes: set[int] = set()
-    stack: list[tuple[yaml.Node, Loc]] = [(root, ())]
-    while stack:
-        node, loc = stack.pop()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys: set[str] = set()
-            for key, value in node.value:
-                name = str(key.value)
-                if name in keys:
-                    problems.append(Problem((*loc, name), "duplicate key",
-                                            key.start_mark.line + 1))
-                keys.add(name)
-                stack.append((value, (*loc, name)))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((item, (*loc, i)) for i, item in enumerate(node.value))
-    return sorted(problems, key=lambda p: p.line or 0)
-
-
-def _yaml_line(node: yaml.Node, loc: Loc) -> int:
-    """Line (1-based) of the deepest node along `loc`: the key itself when it is there, else
-    the mapping or item that should hold it (a missing field)."""
-    line = node.start_mark.line + 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if str(k.value) == str(part)), None)
-            if match is None:
-                break
-            line, node = match[0].start_mark.line + 1, match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if not 0 <= part < len(node.value):
-                break
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _parse_toml(text: str, path: Path) -> tuple[Any, Any]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"at line (\d+)", str(exc))
-        line = int(m[1]) if m else len(text.splitlines()) or 1  # "at end of document"
-        raise ScenarioError([Problem((), f"TOML syntax: {exc}", line)], path) from None
-    except RecursionError:  # tomllib recurses per nested array or inline table
-        raise ScenarioError([Problem((), f"nested more than {MAX_NESTING} levels deep",
-                                     _toml_too_deep(text))], path) from None
-    index = _toml_index(text)
-
-    def line_of(loc: Loc) -> int | None:
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in index:
-                return index[loc[:n]]
-        return 1  # nothing of it in the file: the top level, which starts at line 1
-
-    return data, line_of
-
-
-def _toml_too_deep(text: str) -> int | None:
-    """The line where brackets first nest more than MAX_NESTING deep (strings not skipped:
-    only called once tomllib has overflowed, to say where)."""
-    depth = 0
-    for n, line in enumerate(text.splitlines(), start=1):
-        for c in line:
-            depth += (c in "[{") - (c in "]}")
-            if depth > MAX_NESTING:
-                return n
-    return None
-
-
-_TOML_ARRAY = re.compile(r"^\[\[\s*([^\]]+?)\s*\]\]")
-_TOML_TABLE = re.compile(r"^\[\s*([^\]]+?)\s*\]")
-_TOML_KEY = re.compile(r"""^([A-Za-z0-9_\-."' ]+?)\s*=""")
-_TOML_INLINE_KEY = re.compile(r"[{,]\s*([A-Za-z0-9_-]+)\s*=")
-
-
-def _toml_index(text: str) -> dict[Loc, int]:
-    """Field path -> line, from table headers and `key =` lines (a cheap scan, not a parser:
-    multi-line strings that look like keys can mislead it; the path is reported anyway)."""
-    index: dict[Loc, int] = {}
-    arrays: dict[Loc, int] = {}  # array-of-tables path -> index of its latest element
-    table: Loc = ()
-
-    def keys(dotted: str) -> Loc:
-        return tuple(k.strip().strip("\"'") for k in dotted.split("."))
-
-    def resolve(path: Loc) -> Loc:
-        out: Loc = ()
-        for part in path:
-            out = (*out, part)
-            if out in arrays:
-                out = (*out, arrays[out])
-        return out
-
-    for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if m := _TOML_ARRAY.match(line):
-            parent = resolve(keys(m[1])[:-1])
-            path = (*parent, keys(m[1])[-1])
-            arrays[path] = arrays.get(path, -1) + 1
-            index.setdefault(path, n)
-            table = (*path, arrays[path])
-            index[table] = n
-        elif m := _TOML_TABLE.match(line):
-            table = resolve(keys(m[1]))
-            index.setdefault(table, n)
-        elif m := _TOML_KEY.match(line):
-            key = (*table, *keys(m[1]))
-            index.setdefault(key, n)
-            for inner in _TOML_INLINE_KEY.finditer(line):
-                index.setdefault((*key, inner[1]), n)
-    return index
