@@ -17,7 +17,7 @@ from enum import StrEnum
 
 from gateway.contract import is_valid_id
 from gateway.lineprotocol import FieldValue, Point
-from gateway.schema import Measurement
+from gateway.schema import Measurement, make_point
 
 log = logging.getLogger("gateway.audit")
 
@@ -68,7 +68,7 @@ def audit_point(event: AuditEvent, time_us: int) -> Point:
     fields: dict[str, FieldValue] = {"detail": event.detail[:500]}
     for key, value in sorted(event.ids.items()):
         fields[key] = value[:200]
-    return Point(MEASUREMENT, tags, fields, time_us)
+    return make_point(MEASUREMENT, tags, fields, time_us)
 
 
 def log_audit(event: AuditEvent) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FieldValue = float | int | bool | str
 
@@ -67,6 +67,10 @@ class Point:
     tags: Mapping[str, str]
     fields: Mapping[str, FieldValue]
     time_us: int  # microseconds since the epoch (the writer posts with precision=u)
+    # Part of the clinical safety record: written and spooled ahead of telemetry. Set by the
+    # schema's builders (gateway/schema.py make_point), so storage never reads a measurement
+    # name; not part of the point's identity (InfluxDB never sees it).
+    priority: bool = field(default=False, compare=False)
 
     def encode(self) -> str:
         if not self.fields:

@@ -16,7 +16,7 @@ from gateway.commands import TrackedCommand
 from gateway.contract import Alarm, BootEvent, Telemetry, TopicAddress
 from gateway.fleet import Boot, Session
 from gateway.lineprotocol import FieldValue, Point
-from gateway.schema import Measurement
+from gateway.schema import Measurement, make_point
 from gateway.watchdog import RULE_NUMBER, SafetyAction, VentConfirmed
 
 # The `program_name` field's bound: the contract's own (SessionProgram.name), kept here too so
@@ -74,7 +74,7 @@ def telemetry(addr: TopicAddress, sample: Telemetry,
         fields["session_elapsed_s"] = float(sample.session_elapsed_s)
     for i, target in enumerate(targets or (), 1):
         fields[f"target_p{i}"] = float(target)
-    return Point(
+    return make_point(
         Measurement.TELEMETRY,
         {"clinic": addr.clinic, "device": addr.device, "phase": sample.phase.value},
         fields,
@@ -92,7 +92,7 @@ def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, time_
         fields["limit"] = float(action.limit)
     if session_id:
         fields["session_id"] = session_id
-    return Point(
+    return make_point(
         Measurement.SAFETY_EVENT,
         {"clinic": boot.clinic, "device": boot.device, "rule": action.rule.value,
          "severity": action.severity.value, "rule_no": str(RULE_NUMBER[action.rule])},
@@ -110,7 +110,7 @@ def command(tracked: TrackedCommand, time_us: int) -> Point:
         fields["reason"] = tracked.reason
     if tracked.command.session_id:
         fields["session_id"] = tracked.command.session_id
-    return Point(
+    return make_point(
         Measurement.COMMAND,
         {"clinic": clinic, "device": device, "kind": tracked.command.kind.value,
          "outcome": tracked.outcome.value},
@@ -133,7 +133,7 @@ def session(
         fields["planned_s"] = float(sess.program.duration_s)
     if ended_at is not None and sess.started_at is not None:
         fields["duration_s"] = round(ended_at - sess.started_at, 3)
-    return Point(
+    return make_point(
         Measurement.SESSION,
         {"clinic": clinic, "device": device, "program": sess.program_tag,
          "outcome": outcome},
@@ -143,7 +143,7 @@ def session(
 
 
 def boot_state(boot: Boot, time_us: int) -> Point:
-    return Point(
+    return make_point(
         Measurement.BOOT_STATE,
         {"clinic": boot.clinic, "device": boot.device},
         {"online": int(boot.online), "firmware": boot.state.firmware,
@@ -159,14 +159,15 @@ def boot_event(addr: TopicAddress, event: BootEvent, now_ms: int) -> Point:
         fields["session_id"] = event.session_id
     if event.detail:
         fields["detail"] = event.detail
-    return Point(Measurement.BOOT_EVENT, {"clinic": addr.clinic, "device": addr.device,
-                                "kind": event.kind.value}, fields, round(event.ts * 1e6))
+    return make_point(Measurement.BOOT_EVENT, {"clinic": addr.clinic, "device": addr.device,
+                                               "kind": event.kind.value},
+                      fields, round(event.ts * 1e6))
 
 
 def device_fault(addr: TopicAddress, kind: str, reason: str, time_us: int) -> Point:
-    return Point(Measurement.DEVICE_FAULT,
-                 {"clinic": addr.clinic, "device": addr.device, "kind": kind},
-                 {"reason": reason[:500]}, time_us)
+    return make_point(Measurement.DEVICE_FAULT,
+                      {"clinic": addr.clinic, "device": addr.device, "kind": kind},
+                      {"reason": reason[:500]}, time_us)
 
 
 def vent_confirmed(boot: Boot, confirmed: VentConfirmed, time_us: int) -> Point:
@@ -174,8 +175,8 @@ def vent_confirmed(boot: Boot, confirmed: VentConfirmed, time_us: int) -> Point:
     fields: dict[str, FieldValue] = {"resends": confirmed.resends}
     if confirmed.after_s is not None:
         fields["after_s"] = round(confirmed.after_s, 3)
-    return Point(Measurement.VENT_CONFIRMED, {"clinic": boot.clinic, "device": boot.device}, fields,
-                 time_us)
+    return make_point(Measurement.VENT_CONFIRMED, {"clinic": boot.clinic, "device": boot.device},
+                      fields, time_us)
 
 
 def alarm(a: Alarm) -> Point:
@@ -192,7 +193,7 @@ def alarm(a: Alarm) -> Point:
         fields["acked_by"] = a.acked_by
     if a.session_id:
         fields["session_id"] = a.session_id
-    return Point(
+    return make_point(
         Measurement.ALARM,
         {"clinic": a.clinic, "device": a.device, "alarm_id": a.alarm_id, "rule": a.rule,
          "severity": a.severity.value, "state": a.state.value},
@@ -203,4 +204,4 @@ def alarm(a: Alarm) -> Point:
 
 def gateway_health(gateway_id: str, fields: dict[str, FieldValue], time_us: int) -> Point:
     """The gateway's own counters and gauges; counters are totals since the process started."""
-    return Point(Measurement.GATEWAY_HEALTH, {"gateway": gateway_id}, fields, time_us)
+    return make_point(Measurement.GATEWAY_HEALTH, {"gateway": gateway_id}, fields, time_us)

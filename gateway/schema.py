@@ -1,7 +1,8 @@
 """The names of the InfluxDB measurements the gateway writes, and which are the safety record.
 
-One module, imported by what writes the points (gateway/points.py, gateway/audit.py), by the
-storage writer that spools the safety record first (gateway/storage.py), and by what queries
+One module, imported by what writes the points (gateway/points.py, gateway/audit.py, which
+build them with `make_point`, so each point carries its priority and the storage writer never
+reads a measurement name), and by what queries
 them (grafana/generator/, device_sim/runner.py, device_sim/demo.py): a measurement renamed
 here is renamed everywhere, and a query cannot name a measurement that is never written.
 docs/schema.md §2 is the reference for each; tests/test_schema_doc.py checks the two agree.
@@ -12,7 +13,10 @@ docs/schema.md §2 is the reference for each; tests/test_schema_doc.py checks th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+
+from gateway.lineprotocol import FieldValue, Point
 
 
 class Measurement(StrEnum):
@@ -36,3 +40,13 @@ SAFETY_RECORD: frozenset[Measurement] = frozenset({
     Measurement.SAFETY_EVENT, Measurement.ALARM, Measurement.COMMAND, Measurement.SESSION,
     Measurement.VENT_CONFIRMED, Measurement.DEVICE_FAULT, Measurement.AUDIT,
 })
+
+# The same set as plain strings, for what compares with a stored row's name.
+PRIORITY_MEASUREMENTS: frozenset[str] = frozenset(m.value for m in SAFETY_RECORD)
+
+
+def make_point(measurement: Measurement, tags: Mapping[str, str],
+               fields: Mapping[str, FieldValue], time_us: int) -> Point:
+    """A point of the schema: its priority (safety record or not) is decided here, once, by
+    its measurement, so storage (gateway/storage.py) takes it from the point."""
+    return Point(measurement, tags, fields, time_us, priority=measurement in SAFETY_RECORD)

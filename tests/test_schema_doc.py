@@ -62,10 +62,9 @@ from gateway.fleet import (
 )
 from gateway.lineprotocol import Point, encode_batch
 from gateway.programs import CATALOGUE
-from gateway.schema import SAFETY_RECORD, Measurement
+from gateway.schema import PRIORITY_MEASUREMENTS, SAFETY_RECORD, Measurement
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings, InfluxSettings, ProgramLimits
-from gateway.storage import PRIORITY_MEASUREMENTS
 from gateway.watchdog import RULE_NUMBER, Rule, SafetyAction, VentConfirmed, Watchdog
 from tests.helpers import grafana_generator
 
@@ -857,6 +856,17 @@ def test_the_safety_record_is_one_set_in_code_and_doc() -> None:
     sentence = re.search(r"\n((?:`\w+`(?:, | and )?)+) are the\s+clinical safety record", doc)
     assert sentence, "docs/schema.md: the safety record sentence"
     assert set(re.findall(r"`(\w+)`", sentence.group(1))) == {m.value for m in SAFETY_RECORD}
+
+
+def test_every_point_built_carries_the_priority_of_its_measurement() -> None:
+    """Storage takes a point's priority from the point (it never reads a measurement name):
+    every point the schema's builders make, across a whole simulated day, says it is part of
+    the safety record exactly when its measurement is; a bare Point is telemetry."""
+    day = asyncio.run(build_day(1_800_000_000.0))
+    wrong = {p.measurement for p in day.points if p.priority != (p.measurement in SAFETY_RECORD)}
+    assert not wrong, wrong
+    assert {p.measurement for p in day.points if p.priority} == SAFETY_RECORD
+    assert not Point(Measurement.SAFETY_EVENT, {}, {"v": 1}, 1).priority
 
 
 def test_the_dashboards_query_only_measurements_of_the_schema_module() -> None:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from device_sim.local_stack import LocalInflux, LocalMosquitto, count
 from gateway.lineprotocol import Point
+from gateway.schema import Measurement, make_point
 from gateway.settings import InfluxSettings
 from gateway.spool import DiskSpool
 from gateway.storage import InfluxWriter
@@ -37,6 +38,12 @@ ALARMS = "boots/v1/_gateway/alarm/#"
 
 def point(i: int, measurement: str = "fill_test") -> Point:
     return Point(measurement, {"boot": f"b{i % 7}"}, {"v": float(i)}, BASE_US + i)
+
+
+def safety_point(i: int) -> Point:
+    """A safety record as the schema builds it: it carries its priority (gateway/schema.py)."""
+    return make_point(Measurement.SAFETY_EVENT, {"boot": f"b{i % 7}"}, {"v": float(i)},
+                      BASE_US + i)
 
 
 def stored(influx: LocalInflux, db: str, measurement: str = "fill_test") -> int:
@@ -228,7 +235,7 @@ async def test_safety_records_keep_their_place_when_nothing_else_can_keep_points
         for i in range(150):  # 100 kept, 50 dropped: the spool cannot take the overflow
             writer.submit(point(i))
         for i in range(20):
-            writer.submit(point(1000 + i, "safety_event"))
+            writer.submit(safety_point(1000 + i))
         assert await writer.flush(10)
     finally:
         await writer.close()

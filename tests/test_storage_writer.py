@@ -12,6 +12,7 @@ import pytest
 
 from device_sim.local_stack import LocalInflux, count
 from gateway.lineprotocol import Point
+from gateway.schema import Measurement, make_point
 from gateway.settings import InfluxSettings
 from gateway.storage import InfluxWriter
 
@@ -45,6 +46,36 @@ async def test_one_bad_point_is_isolated_and_the_rest_written(
     refused = [r for r in caplog.records if r.getMessage() == "influxdb refused a point"]
     assert len(refused) == 1
     assert "boot=b" in refused[0].line and "conflict" in refused[0].reason
+
+
+@pytest.mark.integration
+async def test_the_writer_takes_priority_from_the_point_not_its_measurement_name(
+    influx: LocalInflux
+) -> None:
+    """Memory full and no spool: a point marked priority makes room by dropping the oldest
+    telemetry, whatever it is called; a bare point named like a safety record is dropped as the
+    newest telemetry would be; the schema's own safety-record point is kept."""
+    db = f"prio_{secrets.token_hex(4)}"
+    writer = InfluxWriter(InfluxSettings(url=influx.url, database=db, flush_interval_s=60,
+                                         batch_size=1000, queue_max_points=100, spool_dir=None))
+    await writer.ensure_database()
+    writer.start()
+    try:
+        for i in range(100):
+            writer.submit(Point("m", {"boot": "a"}, {"v": float(i)}, 1_000 + i))
+        writer.submit(Point("flagged", {"boot": "a"}, {"v": 1.0}, 2_000, priority=True))
+        writer.submit(Point(Measurement.SAFETY_EVENT, {"boot": "a"}, {"v": 1.0}, 3_000))
+        writer.submit(make_point(Measurement.SAFETY_EVENT, {"boot": "b"}, {"v": 1.0}, 4_000))
+        assert writer.queue_depth == 100
+        assert await writer.flush(10)
+    finally:
+        await writer.close()
+    assert count(influx, db, "SELECT count(v) FROM m") == 98  # the two oldest made room
+    assert count(influx, db, "SELECT count(v) FROM flagged") == 1
+    assert count(influx, db, "SELECT count(v) FROM safety_event WHERE boot = 'b'") == 1
+    assert count(influx, db, "SELECT count(v) FROM safety_event WHERE boot = 'a'") == 0
+    assert writer.stats.points_dropped_queue_full == 3
+    assert writer.stats.points_written == 100
 
 
 def answering(status: int, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
