@@ -551,10 +551,16 @@ async def test_fuzzed_bodies_get_a_4xx_with_a_reason_never_a_500(
     def run() -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
                           headers=users.auth("ops")) as http:
+            # The unmutated valid bodies first: they must reach the checks (409, offline), so
+            # the fuzz is known to start from bodies that pass validation (drawing one by
+            # chance failed once in 300 examples).
+            for body in VALID["session"]:
+                r = http.post(targets["session"][0], json=body)
+                assert r.status_code == 409 and r.json()["detail"], r.text
             fuzz(http)
 
     await asyncio.to_thread(run)
-    assert {409, 422} <= set(seen), seen  # the fuzz reached validation and the checks
+    assert 422 in seen, seen  # the fuzz reached validation
     assert (await closed.api.get("/health")).status_code == 200
     assert closed.gw.fleet.boots[f"{clinic}/off-1"].session is None
 
