@@ -19,11 +19,12 @@ from device_sim import runner
 from device_sim.demo import DemoOptions, run_demo
 from device_sim.fleet import SimFleet
 from device_sim.gateway_rules import CATALOGUE
+from device_sim.link_settings import BootLinkSettings
 from device_sim.scenario import ScenarioError, load_scenario
 from device_sim.worker import run_worker
 from gateway.boot_credentials import BootCredentials, CredentialsError, load_credentials
 from gateway.logs import setup_logging
-from gateway.settings import PLACEHOLDER_PREFIX, MqttSettings
+from gateway.settings import PLACEHOLDER_PREFIX
 
 log = logging.getLogger("device_sim")
 
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_mqtt_tls_arguments(p: argparse.ArgumentParser) -> None:
-    """The boots' TLS options: the same MqttSettings fields the gateway has (README)."""
+    """The boots' TLS options: BootLinkSettings (device_sim/link_settings.py, README)."""
     g = p.add_argument_group("MQTT over TLS", "plain TCP is refused to a broker off loopback "
                              "unless --mqtt-allow-plaintext")
     g.add_argument("--mqtt-tls", action="store_true",
@@ -104,8 +105,8 @@ def _add_mqtt_tls_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow plain TCP to a broker off loopback (trusted networks only)")
 
 
-def _mqtt_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> MqttSettings:
-    """MqttSettings from the command line; a refused combination exits 2 with the reason."""
+def _mqtt_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> BootLinkSettings:
+    """BootLinkSettings from the command line; a refused combination exits 2 with the reason."""
     tls = bool(args.mqtt_tls or args.mqtt_ca or args.mqtt_cert or args.mqtt_key)
     fields: dict[str, object] = {
         "host": args.mqtt_host, "tls": tls, "ca_file": args.mqtt_ca,
@@ -117,7 +118,7 @@ def _mqtt_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> Mqtt
     if args.mqtt_port is not None:
         fields["port"] = args.mqtt_port
     try:
-        return MqttSettings.model_validate(fields)
+        return BootLinkSettings.model_validate(fields)
     except ValidationError as exc:
         p.error("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
 
@@ -148,7 +149,7 @@ def _api_token(p: argparse.ArgumentParser, args: argparse.Namespace) -> str | No
     return token
 
 
-def _fleet(p: argparse.ArgumentParser, args: argparse.Namespace, mqtt: MqttSettings
+def _fleet(p: argparse.ArgumentParser, args: argparse.Namespace, mqtt: BootLinkSettings
            ) -> SimFleet:
     """The boots to run; with --credentials each one listed there connects as itself."""
     creds: dict[str, BootCredentials] = {}

@@ -24,11 +24,13 @@ import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Literal, TypedDict, TypeVar, get_args
+from typing import Literal, TypedDict, get_args
 
 import aiomqtt
 from pydantic import ValidationError
 
+from device_sim.boot_probes import BootProbes
+from device_sim.link_settings import NO_DELAY, BootLink
 from device_sim.physics import BootModel
 from gateway.boot_credentials import BootCredentials
 from gateway.contract import (
@@ -52,13 +54,9 @@ from gateway.contract import (
     topic,
 )
 from gateway.mqtt_internals import paho_of, publish_qos0_now, without_topic_callbacks
-from gateway.mqtt_link import NO_DELAY
 from gateway.mqtt_tls import client_security
-from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MAX_CMD_BYTES = 65536
 # Standard zone names, distal to proximal; boots with more chambers number the rest.
@@ -119,14 +117,14 @@ def zones_for(chambers: int) -> list[str]:
     return (_ZONES + [f"zone{i + 1}" for i in range(len(_ZONES), chambers)])[:chambers]
 
 
-class SimBoot:
+class SimBoot(BootProbes):
     """A simulated boot with its own MQTT client `sim-{clinic}-{device}`."""
 
     def __init__(
         self,
         clinic: str,
         device: str,
-        mqtt: MqttSettings,
+        mqtt: BootLink,
         *,
         chambers: int = 4,
         max_pressure_mmhg: float = 120.0,
@@ -443,70 +441,8 @@ class SimBoot:
                 timeout=_PUBLISH_TIMEOUT_S,
             )
 
-    async def wait_until(self, predicate: Callable[[], T | None], timeout: float) -> T:
-        """Wait until predicate() is truthy; return its value. Raises TimeoutError.
-
-        Typed `T | None -> T` so a finder returning `X | None` yields an `X`: the value
-        returned is truthy, hence never None.
-
-        Re-checked on every state change: command, ack, event, (dis)connect, and every
-        telemetry tick (so predicates on pressures or counters work too).
-        """
-        async with asyncio.timeout(timeout):
-            while True:
-                result = predicate()
-                if result:
-                    return result
-                await self._changed.wait()
-
     async def wait_connected(self, timeout: float = 10.0) -> None:
         await self.wait_until(lambda: self.connected, timeout)
-
-    async def wait_for_ack(
-        self, status: AckStatus, timeout: float = 10.0, *, cmd_id: str | None = None
-    ) -> Ack:
-        """First ack sent with this status (and cmd_id, if given), including earlier ones."""
-
-        def find() -> Ack | None:
-            for ack in self.acks_sent:
-                if ack.status is status and (cmd_id is None or ack.cmd_id == cmd_id):
-                    return ack
-            return None
-
-        return await self.wait_until(find, timeout)
-
-    async def wait_for_event(
-        self, kind: EventKind, timeout: float = 10.0, *, session_id: str | None = None
-    ) -> BootEvent:
-        """First event sent of this kind (and session, if given), including earlier ones."""
-
-        def find() -> BootEvent | None:
-            for ev in self.events_sent:
-                if ev.kind is kind and (session_id is None or ev.session_id == session_id):
-                    return ev
-            return None
-
-        return await self.wait_until(find, timeout)
-
-    async def wait_for_self_vent(self, timeout: float = 10.0, *, count: int = 1) -> BootEvent:
-        """Until the boot has vented itself `count` times; returns the last VENTED event."""
-        await self.wait_until(lambda: self.self_vents >= count, timeout)
-        return next(e for e in reversed(self.events_sent) if e.kind is EventKind.VENTED)
-
-    async def wait_for_vent(self, timeout: float = 10.0, *, count: int = 1) -> float:
-        """Until `count` vent commands have arrived; returns the clock time of the first."""
-        await self.wait_until(lambda: self.vents_received >= count, timeout)
-        assert self.vent_received_at is not None
-        return self.vent_received_at
-
-    async def wait_for_session_completed(self, timeout: float = 60.0, *, count: int = 1) -> None:
-        await self.wait_until(lambda: self.sessions_completed >= count, timeout)
-
-    async def wait_for_command(self, kind: CommandKind, timeout: float = 10.0) -> Command:
-        def find() -> Command | None:
-            return next((c for c in self.commands_received if c.kind is kind), None)
-
-        return await self.wait_until(find, timeout)
 
     # ------------------------------------------------------------------ main loop
 
@@ -656,12 +592,6 @@ class SimBoot:
     def _set_client(self, client: aiomqtt.Client | None) -> None:
         self._client = client
         self._notify()
-
-    def _notify(self) -> None:
-        """Wake every waiter; they re-check their predicate against the new state."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
     # ------------------------------------------------------------------ telemetry
 
     async def _telemetry_loop(self) -> None:

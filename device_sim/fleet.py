@@ -12,9 +12,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from device_sim.boot import SimBoot, account_kwargs
+from device_sim.link_settings import BootLink
 from gateway.aio import cancel_and_wait
 from gateway.boot_credentials import BootCredentials
-from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SimFleet:
     def __init__(
         self,
         members: Iterable[tuple[str, str]],
-        mqtt: MqttSettings,
+        mqtt: BootLink,
         *,
         connect_timeout_s: float | None = None,
         credentials: Mapping[str, BootCredentials] | None = None,
@@ -73,7 +73,7 @@ class SimFleet:
 
     @classmethod
     def make(
-        cls, n_boots: int, clinics: int, mqtt: MqttSettings, *, clinic_prefix: str = "clinic-",
+        cls, n_boots: int, clinics: int, mqtt: BootLink, *, clinic_prefix: str = "clinic-",
         **boot_kwargs: Any,
     ) -> SimFleet:
         """`n_boots` named boot-001.. spread round-robin over {clinic_prefix}1..{clinics}

@@ -29,10 +29,10 @@ import httpx
 
 from device_sim.boot import SimBoot, account_kwargs
 from device_sim.faults import FaultNotApplied, PlannedFault, clear, inject
+from device_sim.link_settings import BootLinkSettings
 from device_sim.scenario import Scenario, load_scenario
 from gateway.aio import cancel_and_wait
 from gateway.boot_credentials import load_credentials
-from gateway.settings import MqttSettings
 
 log = logging.getLogger("device_sim.worker")
 
@@ -81,7 +81,7 @@ class Shard:
                  else load_credentials(sc.broker.credentials_file))
         for i in range(self.index, len(ids), self.count):
             clinic, device = ids[i]
-            mqtt = MqttSettings(host=sc.broker.host, port=sc.broker.port,
+            mqtt = BootLinkSettings(host=sc.broker.host, port=sc.broker.port,
                                 keepalive_s=sc.broker.keepalive_s,
                                 username=sc.broker.username_for(clinic, device),
                                 password=sc.broker.password())

@@ -1,4 +1,4 @@
-"""TLS and password of an MQTT client, from `MqttSettings`: for the gateway and the boots alike.
+"""TLS and password of an MQTT client, from its settings: for the gateway and the boots alike.
 
 One function, `client_security`, turns the settings into `aiomqtt.Client` keyword arguments,
 so the gateway's link and the simulated boots cannot drift apart in how they verify the broker.
@@ -17,13 +17,52 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from gateway.settings import MqttSettings, is_loopback_host, read_password_file
+from pydantic import SecretStr
+
+# The transport rules live with the gateway's MqttSettings (settings.py cannot import this
+# module); they are re-exported here so that the boot's own settings (device_sim/
+# link_settings.py) apply the very same checks without importing the gateway's config.
+from gateway.settings import MQTT_TLS_PORT, is_loopback_host, read_password_file
+from gateway.settings import _check_tls_files as check_tls_files
+
+__all__ = [
+    "MQTT_TLS_PORT", "TLS_MIN_VERSION", "MqttClientSecurity", "check_tls_files",
+    "client_security", "is_loopback_host", "mqtt_password", "read_password_file", "tls_context",
+]
 
 log = logging.getLogger(__name__)
 
 TLS_MIN_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class MqttClientSecurity(Protocol):
+    """What this module reads of a client's settings: the gateway's `MqttSettings` has it,
+    and so can the simulator's own settings, without either importing the other's config."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> SecretStr | None: ...
+    @property
+    def password_file(self) -> Path | None: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def cert_file(self) -> Path | None: ...
+    @property
+    def key_file(self) -> Path | None: ...
+    @property
+    def tls_check_hostname(self) -> bool: ...
+    @property
+    def allow_plaintext(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +79,7 @@ class _TlsKey:
     allow_plaintext: bool
 
     @classmethod
-    def of(cls, mqtt: MqttSettings) -> _TlsKey:
+    def of(cls, mqtt: MqttClientSecurity) -> _TlsKey:
         return cls(mqtt.host, mqtt.port, mqtt.tls, mqtt.ca_file, mqtt.cert_file, mqtt.key_file,
                    mqtt.tls_check_hostname, mqtt.allow_plaintext)
 
@@ -80,7 +119,7 @@ def _no_password() -> str:
     raise ValueError("mqtt.key_file is encrypted: give an unencrypted key")
 
 
-def tls_context(mqtt: MqttSettings, *, shared: bool = False) -> ssl.SSLContext | None:
+def tls_context(mqtt: MqttClientSecurity, *, shared: bool = False) -> ssl.SSLContext | None:
     """The client's SSL context, None for plain TCP.
 
     shared: one context per distinct configuration and process, built (and warned about)
@@ -91,7 +130,7 @@ def tls_context(mqtt: MqttSettings, *, shared: bool = False) -> ssl.SSLContext |
     return _shared_context(key) if shared else _build_context(key)
 
 
-def mqtt_password(mqtt: MqttSettings) -> str | None:
+def mqtt_password(mqtt: MqttClientSecurity) -> str | None:
     """`password`, or the content of `password_file` as it is now (a rotated secret is used
     at the next connect)."""
     if mqtt.password is not None:
@@ -101,7 +140,7 @@ def mqtt_password(mqtt: MqttSettings) -> str | None:
     return None
 
 
-def client_security(mqtt: MqttSettings, *, shared: bool = False) -> dict[str, Any]:
+def client_security(mqtt: MqttClientSecurity, *, shared: bool = False) -> dict[str, Any]:
     """`aiomqtt.Client` keyword arguments: `username`, `password` and `tls_context`.
 
     Raises ValueError / OSError / ssl.SSLError when a file named by the settings cannot be
