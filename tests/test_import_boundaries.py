@@ -4,13 +4,14 @@ ones inside functions).
 * The gateway never imports the simulator or the tests: it installs and runs without them.
 * The conformance boot (tests/conformance_boot.py) is written from docs/protocol.md alone and
   imports nothing of the gateway.
-* A simulated boot (device_sim/boot.py, boot_probes.py, physics.py, link_settings.py, fleet.py,
-  worker.py) reaches the gateway only through the explicit list below: the contract (the two
-  sides must not drift), the MQTT client helpers shared on purpose (TLS in mqtt_tls, the
-  paho/aiomqtt private access in mqtt_internals), asyncio helpers and the credentials file
-  format. Not the gateway's config (`gateway.settings`: gateway defaults; a boot has its own
-  device_sim/link_settings.py) nor its MQTT link, and never the watchdog, the service, storage
-  or the API: a boot built from this code must behave like firmware, not like a gateway.
+* A simulated boot (device_sim/boot.py, boot_probes.py, boot_faults.py, firmware.py,
+  physics.py, link_settings.py, fleet.py, worker.py) reaches the gateway only through the
+  explicit list below: the contract (the two sides must not drift), the MQTT client helpers
+  shared on purpose (TLS in mqtt_tls, the paho/aiomqtt private access in mqtt_internals),
+  asyncio helpers and the credentials file format. Not the gateway's config
+  (`gateway.settings`: gateway defaults; a boot has its own device_sim/link_settings.py) nor
+  its MQTT link, and never the watchdog, the service, storage or the API: a boot built from
+  this code must behave like firmware, not like a gateway.
 * The scenario judge and validator reach the gateway's rules and limits only through
   device_sim/gateway_rules.py.
 """
@@ -24,8 +25,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BOOT_SIDE = ["device_sim/boot.py", "device_sim/boot_probes.py", "device_sim/physics.py",
-             "device_sim/link_settings.py", "device_sim/fleet.py", "device_sim/worker.py"]
+BOOT_SIDE = ["device_sim/boot.py", "device_sim/boot_probes.py", "device_sim/boot_faults.py",
+             "device_sim/firmware.py", "device_sim/physics.py", "device_sim/link_settings.py",
+             "device_sim/fleet.py", "device_sim/worker.py"]
 BOOT_SIDE_MAY_USE = {
     "gateway.contract", "gateway.mqtt_tls", "gateway.mqtt_internals", "gateway.aio",
     "gateway.boot_credentials",
