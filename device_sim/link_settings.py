@@ -21,9 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from gateway.mqtt_tls import (
     MQTT_TLS_PORT,
     MqttClientSecurity,
-    check_tls_files,
-    is_loopback_host,
-    read_password_file,
+    check_mqtt_transport,
 )
 
 # Nagle's algorithm would hold a small state or event packet back behind an unacked one; the
@@ -77,30 +75,8 @@ class BootLinkSettings(BaseModel):
 
     @model_validator(mode="after")
     def _secure_transport(self) -> BootLinkSettings:
-        # The same refusals, in the same words, as the gateway's MqttSettings: the simulator
-        # CLI reports them to whoever runs it (tests/test_mqtt_tls.py asserts them).
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("mqtt.password and mqtt.password_file are both set: give one")
-        if self.password_file is not None:
-            read_password_file(self.password_file)
-        if (self.cert_file is None) != (self.key_file is None):
-            given, missing = (
-                ("cert_file", "key_file") if self.cert_file else ("key_file", "cert_file"))
-            raise ValueError(f"mqtt.{given} is set without mqtt.{missing}: a client certificate "
-                             "needs both (they may name the same combined PEM file)")
-        tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n)]
-        if not self.tls:
-            if tls_files:
-                raise ValueError(f"mqtt.{tls_files[0]} is set but mqtt.tls is false: set "
-                                 "mqtt.tls=true, or the file would silently not be used")
-            if not self.allow_plaintext and not is_loopback_host(self.host):
-                raise ValueError(
-                    f"mqtt.host {self.host!r} is not loopback and mqtt.tls is false: "
-                    "credentials, commands and telemetry would cross the network unencrypted. "
-                    "Set mqtt.tls=true (port 8883, mqtt.ca_file for a private CA) or, on a "
-                    "trusted network only, mqtt.allow_plaintext=true")
-            return self
-        check_tls_files(self.ca_file, self.cert_file, self.key_file)
-        if "port" not in self.model_fields_set:
+        # The same refusals, in the same words, as the gateway's MqttSettings (one function):
+        # the simulator CLI reports them to whoever runs it.
+        if check_mqtt_transport(self) and "port" not in self.model_fields_set:
             self.port = MQTT_TLS_PORT
         return self

@@ -24,11 +24,15 @@ from pydantic import SecretStr
 # The transport rules live with the gateway's MqttSettings (settings.py cannot import this
 # module); they are re-exported here so that the boot's own settings (device_sim/
 # link_settings.py) apply the very same checks without importing the gateway's config.
-from gateway.settings import MQTT_TLS_PORT, is_loopback_host, read_password_file
-from gateway.settings import _check_tls_files as check_tls_files
+from gateway.settings import (
+    MQTT_TLS_PORT,
+    check_mqtt_transport,
+    is_loopback_host,
+    read_password_file,
+)
 
 __all__ = [
-    "MQTT_TLS_PORT", "TLS_MIN_VERSION", "MqttClientSecurity", "check_tls_files",
+    "MQTT_TLS_PORT", "TLS_MIN_VERSION", "MqttClientSecurity", "check_mqtt_transport",
     "client_security", "is_loopback_host", "mqtt_password", "read_password_file", "tls_context",
 ]
 

@@ -12,7 +12,7 @@ import os
 import ssl
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -102,31 +102,7 @@ class MqttSettings(BaseModel):
 
     @model_validator(mode="after")
     def _secure_transport(self) -> MqttSettings:
-        # Every refusal names the setting and the way out: these errors are read by whoever
-        # deploys the gateway, at startup, not by a developer with a debugger.
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("mqtt.password and mqtt.password_file are both set: give one")
-        if self.password_file is not None:
-            read_password_file(self.password_file)
-        if (self.cert_file is None) != (self.key_file is None):
-            given, missing = (
-                ("cert_file", "key_file") if self.cert_file else ("key_file", "cert_file"))
-            raise ValueError(f"mqtt.{given} is set without mqtt.{missing}: a client certificate "
-                             "needs both (they may name the same combined PEM file)")
-        tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n)]
-        if not self.tls:
-            if tls_files:
-                raise ValueError(f"mqtt.{tls_files[0]} is set but mqtt.tls is false: set "
-                                 "mqtt.tls=true, or the file would silently not be used")
-            if not self.allow_plaintext and not is_loopback_host(self.host):
-                raise ValueError(
-                    f"mqtt.host {self.host!r} is not loopback and mqtt.tls is false: "
-                    "credentials, commands and telemetry would cross the network unencrypted. "
-                    "Set mqtt.tls=true (port 8883, mqtt.ca_file for a private CA) or, on a "
-                    "trusted network only, mqtt.allow_plaintext=true")
-            return self
-        _check_tls_files(self.ca_file, self.cert_file, self.key_file)
-        if "port" not in self.model_fields_set:
+        if check_mqtt_transport(self) and "port" not in self.model_fields_set:
             self.port = MQTT_TLS_PORT
         return self
 
@@ -166,6 +142,49 @@ def read_password_file(path: Path) -> str:
     if not password.strip():
         raise ValueError(f"mqtt.password_file {str(path)!r} is empty")
     return password
+
+
+class MqttTransport(Protocol):
+    """What the transport rules read: the gateway's MqttSettings and a boot's link settings."""
+
+    host: str
+    tls: bool
+    allow_plaintext: bool
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    password: SecretStr | None
+    password_file: Path | None
+
+
+def check_mqtt_transport(s: MqttTransport) -> bool:
+    """Refuse an insecure or inconsistent MQTT transport; True when TLS is on.
+
+    Every refusal names the setting and the way out: these errors are read by whoever
+    deploys the gateway or runs the simulator, at startup, not by a developer with a debugger.
+    """
+    if s.password is not None and s.password_file is not None:
+        raise ValueError("mqtt.password and mqtt.password_file are both set: give one")
+    if s.password_file is not None:
+        read_password_file(s.password_file)
+    if (s.cert_file is None) != (s.key_file is None):
+        given, missing = ("cert_file", "key_file") if s.cert_file else ("key_file", "cert_file")
+        raise ValueError(f"mqtt.{given} is set without mqtt.{missing}: a client certificate "
+                         "needs both (they may name the same combined PEM file)")
+    tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(s, n)]
+    if not s.tls:
+        if tls_files:
+            raise ValueError(f"mqtt.{tls_files[0]} is set but mqtt.tls is false: set "
+                             "mqtt.tls=true, or the file would silently not be used")
+        if not s.allow_plaintext and not is_loopback_host(s.host):
+            raise ValueError(
+                f"mqtt.host {s.host!r} is not loopback and mqtt.tls is false: "
+                "credentials, commands and telemetry would cross the network unencrypted. "
+                "Set mqtt.tls=true (port 8883, mqtt.ca_file for a private CA) or, on a "
+                "trusted network only, mqtt.allow_plaintext=true")
+        return False
+    _check_tls_files(s.ca_file, s.cert_file, s.key_file)
+    return True
 
 
 def _check_tls_files(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> None:
