@@ -107,6 +107,11 @@ class MqttLink:
             )))
             try:
                 async with client:
+                    # Publishable from the CONNACK on: retained states and queued telemetry are
+                    # dispatched while the later subscriptions are still pending, and a vent
+                    # they call for must go out now, not at rule 8's re-send after the ack
+                    # timeout (tests/test_restart.py caught a lost vent in CI).
+                    self._client = client
                     for topic, options in self._subscriptions:
                         granted = await client.subscribe(topic, options=options)
                         if any(subscription_refused(rc) for rc in granted):
@@ -116,7 +121,6 @@ class MqttLink:
                             log.error("mqtt subscription refused by the broker's ACL", extra={
                                 "topic": topic, "reason": [str(rc) for rc in granted]})
                             raise aiomqtt.MqttError(f"subscription to {topic!r} refused")
-                    self._client = client
                     self.connected.set()
                     log.info("mqtt connected", extra={
                         "broker": f"{s.host}:{s.port}", "attempt": attempt,
