@@ -22,6 +22,7 @@ from typing import TextIO
 import httpx
 
 from device_sim.fleet import SimFleet
+from device_sim.link_settings import BootLinkSettings
 from device_sim.local_stack import LocalInflux, LocalMosquitto, count, free_port
 from gateway.api_users import ApiUser, Role, hash_token, new_token
 from gateway.logs import setup_logging
@@ -108,7 +109,9 @@ async def _run(opts: DemoOptions, mqtt: MqttSettings, influx_url: str, influx: L
     _line(out, f"gateway  {api_url}/docs  (log: {log_path})")
     _line(out, f"api      user 'demo' (ops), while the demo runs: curl -H 'Authorization: "
           f"Bearer {token}' {api_url}/api/v1/boots")
-    fleet = SimFleet.make(opts.boots, opts.clinics, mqtt,
+    # The boots get a boot's settings (device_sim/link_settings.py), not the gateway's.
+    boot_link = BootLinkSettings(host=mqtt.host, port=mqtt.port)
+    fleet = SimFleet.make(opts.boots, opts.clinics, boot_link,
                           telemetry_period_s=1.0 / opts.telemetry_hz, seed=42)
     keys = list(fleet.boots)
     stuck_key = keys[opts.stuck_boot - 1] if 0 < opts.stuck_boot <= len(keys) else None

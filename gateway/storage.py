@@ -241,11 +241,7 @@ class InfluxWriter:
         await self._influx.ensure_database()
 
     def start(self) -> None:
-        if self.spool is None and self.settings.spool_dir is not None:
-            self._buf.open_spool()
-        if self.spool is not None and self.spool.pending_points:
-            log.info("spool holds points from before; replaying", extra={
-                "points": self.spool.pending_points, "bytes": self.spool.pending_bytes})
+        self._buf.open()
         self._task = asyncio.create_task(self._run(), name="influx-writer")
 
     async def _run(self) -> None:
@@ -300,8 +296,7 @@ class InfluxWriter:
             t = (now if self.queue_depth >= self.settings.batch_size
                  else self._last_flush + self.settings.flush_interval_s)
             if self._outage and not self._spool_usable():
-                retry_spool = self._buf.retry_at if self.spool is not None else math.inf
-                t = max(t, min(self._next_try, retry_spool))
+                t = max(t, min(self._next_try, self._buf.spool_retry_at))
             due.append(t)
         if self.spool_points:
             due.append(max(self._next_try, self._buf.read_retry_at))
@@ -425,14 +420,7 @@ class InfluxWriter:
         k = self._in_flight_priority
         self._requeue(self._in_flight[:k], self._in_flight[k:])
         self._in_flight = []
-        if self.spool is not None:
-            self._buf.retry_at = 0.0  # one last try, whatever the backoff
-            self._spill(*self._buf.take(self.queue_depth))
-            if self.spool_points:
-                log.warning("storage closed; points kept in the spool for the next start",
-                            extra={"points": self.spool_points, "bytes": self.spool_bytes})
-            self.spool.close()
-        if self.queue_depth:
+        if self._buf.close():
             lost = self._buf.clear_memory()
             self._drop(lost)
             log.error("storage closed with unwritten points", extra={

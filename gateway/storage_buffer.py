@@ -17,6 +17,7 @@ No spool configured is a buffer whose disk side is always unusable: lines stay i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -88,6 +89,11 @@ class StorageBuffer:
     def spool_usable(self) -> bool:
         return self.spool is not None and time.monotonic() >= self.retry_at
 
+    @property
+    def spool_retry_at(self) -> float:
+        """When the disk side may take lines again (monotonic; inf: no spool to wait for)."""
+        return self.retry_at if self.spool is not None else math.inf
+
     # ------------------------------------------------------------------ memory
 
     def add(self, line: bytes, *, priority: bool) -> None:
@@ -157,6 +163,26 @@ class StorageBuffer:
         """A replayed batch is in InfluxDB: the spool forgets it."""
         assert self.spool is not None
         self.spool.commit(batch)
+
+    def open(self) -> None:
+        """Open the configured spool at the writer's start and say what it holds from before."""
+        if self.spool is None and self.settings.spool_dir is not None:
+            self.open_spool()
+        if self.spool is not None and self.spool.pending_points:
+            log.info("spool holds points from before; replaying", extra={
+                "points": self.spool.pending_points, "bytes": self.spool.pending_bytes})
+
+    def close(self) -> int:
+        """Spool what memory holds (one last try, whatever the backoff) and close the spool;
+        how many lines are left in memory (the caller counts them as lost)."""
+        if self.spool is not None:
+            self.retry_at = 0.0
+            self.spill(*self.take(self.memory_depth))
+            if self.spool_points:
+                log.warning("storage closed; points kept in the spool for the next start",
+                            extra={"points": self.spool_points, "bytes": self.spool_bytes})
+            self.spool.close()
+        return self.memory_depth
 
     def open_spool(self, *, first: bool = True) -> None:
         """Open the configured spool. A spool in use by another process stops the start;
