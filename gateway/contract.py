@@ -373,6 +373,29 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return data
 
 
+def telemetry_fast(payload: bytes) -> Telemetry | None:
+    """The common telemetry payload decoded in one pass (pydantic's JSON parser, ~3 us instead
+    of ~10), or None: then `decode`'s full path decides, with its reasons.
+
+    The full path parses with the standard library first, to refuse what that parser would
+    let through silently (a key given twice, text that is not strictly UTF-8). Here the
+    payload is taken only when that cannot arise: ASCII without a single backslash (no
+    escape, so every string is its plain bytes between two quotes), and exactly as many
+    quotes as the sample's keys and string values need (the keys given, the phase and a
+    session id): a key given twice, or one this contract does not know, adds quotes and sends
+    the payload to the full path. `tests/test_contract.py` checks that what this takes, the
+    full path takes with the same result.
+    """
+    if not payload.isascii() or b"\\" in payload:
+        return None
+    try:
+        sample = Telemetry.model_validate_json(payload)
+    except ValidationError:
+        return None
+    strings = len(sample.model_fields_set) + 1 + (sample.session_id is not None)
+    return sample if payload.count(b'"') == 2 * strings else None
+
+
 def decode(channel: Channel, payload: bytes, max_bytes: int) -> _Msg:
     """Decode and validate one payload; raises PayloadError with a reason fit for a log line.
 
@@ -381,6 +404,15 @@ def decode(channel: Channel, payload: bytes, max_bytes: int) -> _Msg:
     """
     if len(payload) > max_bytes:
         raise PayloadError("too_large", f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    if channel is Channel.TELEMETRY:
+        sample = telemetry_fast(payload)
+        if sample is not None:
+            return sample
+    return decode_full(channel, payload)
+
+
+def decode_full(channel: Channel, payload: bytes) -> _Msg:
+    """`decode` without the size check and the telemetry fast path: every payload's way."""
     try:
         # NaN/Infinity parse; the models say where they may stand
         data = json.loads(payload.decode("utf-8"), object_pairs_hook=_unique_keys)

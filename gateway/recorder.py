@@ -34,7 +34,11 @@ class Recorder:
 
     def telemetry(self, addr: TopicAddress, sample: Telemetry,
                   targets: list[float] | None = None) -> None:
-        self.writer.submit(points.telemetry(addr, sample, targets))
+        line = points.telemetry_line(addr, sample, targets)
+        if line is None:  # a value that cannot be stored: the writer refuses it, with why
+            self.writer.submit(points.telemetry(addr, sample, targets))
+        else:
+            self.writer.submit_line(line, priority=points.TELEMETRY_PRIORITY)
 
     def boot_state(self, boot: Boot) -> None:
         self.writer.submit(points.boot_state(boot, self.stamp()))

@@ -184,7 +184,10 @@ class InfluxWriter:
             log.error("point refused before write", extra={
                 "measurement": point.measurement, "tags": dict(point.tags), "reason": str(exc)})
             return
-        priority = point.priority  # set where the schema is defined (gateway/schema.py)
+        self.submit_line(line, priority=point.priority)  # set by the schema (gateway/schema.py)
+
+    def submit_line(self, line: bytes, *, priority: bool) -> None:
+        """Queue one encoded point (the telemetry path builds its line without a Point)."""
         cap = self.settings.queue_max_points
         if self.queue_depth >= cap and self._spool_usable():
             # InfluxDB is slower than ingest: the oldest points move to disk.
