@@ -21,9 +21,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.mqtt_internals import (
     dispatching_queue,
+    fast_publish_reading,
     paho_of,
-    reading_in_bursts,
-    unread_input,
+    received_unread,
     without_topic_callbacks,
 )
 from gateway.mqtt_tls import client_security
@@ -90,7 +90,9 @@ class MqttLink:
         attempt = 0
         while True:
             security = await self._fresh_security() if attempt else self._security
-            client = reading_in_bursts(without_topic_callbacks(aiomqtt.Client(
+            # Plain PUBLISH packets go from the socket's buffer straight to _dispatch (see
+            # gateway/mqtt_internals.py); the rest through aiomqtt's queue to the same place.
+            client = fast_publish_reading(without_topic_callbacks(aiomqtt.Client(
                 s.host, s.port,
                 **security,  # username, password, tls_context (gateway/mqtt_tls.py)
                 identifier=s.client_id,
@@ -104,7 +106,7 @@ class MqttLink:
                 max_concurrent_outgoing_calls=OUTGOING_CALLS,
                 clean_start=s.session_expiry_s == 0,
                 properties=_connect_properties(s.session_expiry_s),
-            )))
+            )), self._dispatch)
             try:
                 async with client:
                     # Publishable from the CONNACK on: retained states and queued telemetry are
@@ -230,12 +232,12 @@ class MqttLink:
 
         Rule 5 asks this at each tick: after a stall of the gateway's own loop (or under a
         flood) a boot's newest samples may be in here, not missing. Asked of the kernel
-        (poll with timeout 0, never blocking) and of the TLS layer, which may hold a decrypted
-        record the kernel no longer shows. Not connected: False, nothing can be waiting.
+        (poll with timeout 0, never blocking), of the TLS layer, which may hold a decrypted
+        record the kernel no longer shows, and of the link's own read buffer. Not connected:
+        False, nothing can be waiting.
         """
         client = self._client
-        sock = paho_of(client).socket() if client is not None else None
-        return sock is not None and unread_input(sock)
+        return client is not None and received_unread(client)
 
 
 def subscription_refused(rc: object) -> bool:

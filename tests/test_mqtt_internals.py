@@ -7,6 +7,7 @@ then update TESTED_WITH there.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import inspect
 
@@ -44,3 +45,24 @@ def test_aiomqtt_reads_through_loop_read_and_queues_with_put_nowait() -> None:
     assert "client.loop_read()" in source
     assert "put_nowait(" in source
     assert "queue_type" in inspect.signature(aiomqtt.Client).parameters
+
+
+async def test_paho_reads_and_handles_publish_through_the_attributes_fast_reading_replaces(
+        ) -> None:
+    """fast_publish_reading replaces the instance's _sock_recv and _handle_publish: paho must
+    still reach both through the instance, and keep the parsed packet where it reads it."""
+    paho = paho_of(aiomqtt.Client("127.0.0.1", 1, identifier="pin"))
+    read = inspect.getsource(paho_mqtt.Client._packet_read)
+    assert "self._sock_recv(" in read
+    assert "self._packet_handle()" in read
+    assert "self._handle_publish()" in inspect.getsource(paho_mqtt.Client._packet_handle)
+    assert {"command", "packet"} <= set(paho._in_packet)
+    for name in ("_sock", "_protocol", "_manual_ack"):
+        assert hasattr(paho, name), name
+    assert callable(paho._send_puback) and callable(paho._sock_recv)
+    assert "_handle_on_message(message)" in inspect.getsource(paho_mqtt.Client._handle_publish)
+
+
+async def test_aiomqtt_keeps_the_disconnect_future_fast_reading_reports_to() -> None:
+    client = aiomqtt.Client("127.0.0.1", 1, identifier="pin")
+    assert isinstance(client._disconnected, asyncio.Future)

@@ -32,8 +32,9 @@ async def test_a_backlog_is_read_in_a_few_loop_turns(mosquitto: LocalMosquitto, 
     import gateway.mqtt_link as mqtt_link
 
     if burst == 1:  # the control: one packet per readable event, as aiomqtt does by itself
-        real = mqtt_link.reading_in_bursts
-        monkeypatch.setattr(mqtt_link, "reading_in_bursts", lambda c, b=1: real(c, 1))
+        real = mqtt_link.fast_publish_reading
+        monkeypatch.setattr(mqtt_link, "fast_publish_reading",
+                            lambda c, on_publish, b=1: real(c, on_publish, 1))
     received: list[str] = []
     topic = f"burst/{burst}/x"
     settings = MqttSettings(host="127.0.0.1", port=mosquitto.port,
