@@ -3,7 +3,7 @@
 aiomqtt exposes neither paho's client nor a hook into its read loop; the gateway needs both
 for speed (no cyclic garbage per message, reading a backlog in bursts, handling a message
 inside the read, reading the socket in large chunks and parsing the common PUBLISH packet
-itself: 54 -> 10 us per message on this machine) and the simulator for a synchronous QoS 0
+itself: 54 -> 3 us per message on this machine) and the simulator for a synchronous QoS 0
 publish. `tests/test_mqtt_fast_read.py` checks the fast read path against paho's own.
 
 An upgrade of either library that changes what is used here breaks
@@ -102,6 +102,42 @@ class _BufferedReceive:
         """Bytes read from the socket that paho has not taken yet."""
         return bool(self._buf) and self._sock is self._paho._sock
 
+    def take_plain_publish(self) -> tuple[str, bytes, int, int] | None:
+        """The next packet, if it is whole in the buffer and a plain PUBLISH (QoS 0 or 1, a
+        UTF-8 topic, no properties): (topic, payload, qos, packet id), consumed. Otherwise
+        None and nothing consumed: paho reads it its own way."""
+        buf = self._buf
+        n = len(buf)
+        if n < 2 or buf[0] & 0xF6 not in (0x30, 0x32) or self._sock is not self._paho._sock:
+            return None  # not a PUBLISH of QoS 0/1 (the dup and retain bits are free)
+        length = mult = 0
+        pos = 1
+        while True:  # the remaining length (MQTT 5 §1.5.5), at most four bytes
+            if pos >= n or pos > 4:
+                return None
+            byte = buf[pos]
+            length += (byte & 0x7F) << mult
+            mult += 7
+            pos += 1
+            if not byte & 0x80:
+                break
+        end = pos + length
+        if end > n or length < 3:
+            return None
+        qos = (buf[0] & 0x06) >> 1
+        topic_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+        props = topic_end + 2 if qos else topic_end
+        if props >= end or buf[props] != 0 or topic_end == pos + 2:
+            return None
+        try:
+            topic = buf[pos + 2:topic_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
+        payload = bytes(buf[props + 1:end])
+        del buf[:end]
+        return topic, payload, qos, mid
+
     def __call__(self, bufsize: int) -> bytes:
         buf = self._buf
         if self._sock is not self._paho._sock:  # a new connection: nothing of the old one
@@ -153,9 +189,12 @@ def fast_publish_reading(client: aiomqtt.Client, on_publish: Callable[[str, byte
     """Read the socket in large chunks, hand plain PUBLISH packets to `on_publish` as they are
     parsed, and read up to `burst` packets per readable event (as `reading_in_bursts`).
 
-    A message handed over here never reaches aiomqtt's queue; one paho's own handler takes
-    (with properties, QoS 2) still does. A burst that ends with bytes left in the buffer asks
-    the event loop for another turn, since the socket will not signal them again.
+    The first packet of a readable event is read by paho (through the buffer, its PUBLISH
+    handler replaced); the packets after it that lie whole in the buffer are parsed here
+    without paho's per-packet reading. A message handed over here never reaches aiomqtt's
+    queue; one paho's own handler takes (with properties, QoS 2) still does. A burst that
+    ends with bytes left in the buffer asks the event loop for another turn, since the
+    socket will not signal them again.
     """
     paho = paho_of(client)  # aiomqtt exposes no hook for any of this
     recv = _BufferedReceive(paho)
@@ -166,11 +205,28 @@ def fast_publish_reading(client: aiomqtt.Client, on_publish: Callable[[str, byte
 
     def loop_read(max_packets: int = 1) -> paho_mqtt.MQTTErrorCode:
         rc = one_packet(max_packets)
+        direct = 0
         for _ in range(burst - 1):
+            if rc != 0:
+                break
+            if paho._in_packet["command"] == 0 and recv.pending:
+                plain = recv.take_plain_publish()
+                if plain is not None:  # whole in the buffer: no need for paho's reading
+                    topic, payload, qos, mid = plain
+                    on_publish(topic, payload)
+                    direct += 1
+                    if qos == 1 and not paho._manual_ack:
+                        rc = paho._send_puback(mid)
+                        if rc > 0:
+                            rc = paho._loop_rc_handle(rc)
+                    continue
             sock = paho.socket()
-            if rc != 0 or sock is None or not (recv.pending or unread_input(sock)):
+            if sock is None or not (recv.pending or unread_input(sock)):
                 break
             rc = one_packet(max_packets)
+        if direct:
+            with paho._msgtime_mutex:  # what paho's read does after each packet (keepalive)
+                paho._last_bytes_received = paho_mqtt.time_func()
         if rc == 0 and recv.pending:
             again()
         return rc

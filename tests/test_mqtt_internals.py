@@ -57,9 +57,12 @@ async def test_paho_reads_and_handles_publish_through_the_attributes_fast_readin
     assert "self._packet_handle()" in read
     assert "self._handle_publish()" in inspect.getsource(paho_mqtt.Client._packet_handle)
     assert {"command", "packet"} <= set(paho._in_packet)
-    for name in ("_sock", "_protocol", "_manual_ack"):
+    for name in ("_sock", "_protocol", "_manual_ack", "_msgtime_mutex", "_last_bytes_received"):
         assert hasattr(paho, name), name
     assert callable(paho._send_puback) and callable(paho._sock_recv)
+    assert callable(paho._loop_rc_handle) and callable(paho_mqtt.time_func)
+    # a packet read directly from the buffer does what paho's read does after each packet
+    assert "self._last_bytes_received = time_func()" in read
     assert "_handle_on_message(message)" in inspect.getsource(paho_mqtt.Client._handle_publish)
 
 
