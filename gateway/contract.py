@@ -7,6 +7,7 @@ Both `gateway` and `device_sim` import this module so the two sides cannot drift
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ class TopicError(ValueError):
     """A topic that is not part of the contract."""
 
 
+# Every message's topic is parsed, and a fleet has a few topics per boot: each is parsed once.
+# Bounded (an outsider's stream of new topic names costs at most this many entries, ~20 MB);
+# a refused topic raises, and is not kept.
+@functools.lru_cache(maxsize=65_536)
 def parse_topic(name: str) -> TopicAddress:
     parts = name.split("/")
     if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
