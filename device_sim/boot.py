@@ -1,19 +1,27 @@
-"""One simulated boot: the physics model behind a real MQTT v5 connection, speaking the contract.
+"""One simulated boot: its firmware behind a real MQTT v5 connection, speaking the contract.
 
-A `SimBoot` behaves like firmware would: retained state + LWT, commands in, acks/events/telemetry
+A `SimBoot` behaves like a boot would: retained state + LWT, commands in, acks/events/telemetry
 out. It also records what it saw and offers awaitables (built on an asyncio.Event, never sleeps)
 so integration tests can wait for "this boot got a vent" or "the session completed".
+
+The firmware is a pure state machine beside it, `BootFirmware` in device_sim/firmware.py
+(`self.fw`): it owns the physics model, the session, `seq`, the duplicate-cmd_id memory, the
+heartbeat bookkeeping and the boot's own safety duty (docs/protocol.md §7.2: a session vents
+itself when the gateway's heartbeat stops or the MQTT connection drops), and answers every
+command, heartbeat and tick with the messages to send. This module is the link around it:
+connect and reconnect with backoff, subscribe, the retained state and LWT, the publish lock,
+the outbox for acks/events produced while offline, the telemetry ticker, and the record the
+probes wait on. Properties here (`session_id`, `model`, `self_vents`, ...) read the firmware.
 
 Fault switches (`inject_*`, `set_*`, `drop_connection`, `publish_malformed`) make the boot
 misbehave in one specific way each, so every rule of the gateway's safety watchdog can be
 exercised; `clear_faults()` undoes them all. They live in device_sim/boot_faults.py
-(`BootFaults`, a mixin like the probe waits in device_sim/boot_probes.py); this module keeps
-the firmware that obeys them and the MQTT link. `device_sim.faults` drives them from a
-scenario's fault plan and records each one in `faults_injected`.
-Like firmware, the boot also does its own safety duty (docs/protocol.md §7.2): in a session it
-vents itself when the gateway's heartbeat stops or the MQTT connection drops. The pure
-decisions (start refusals, the heartbeat timeout, when a session has outlived it) are in
-device_sim/firmware.py; this class gathers the state they need and publishes the outcome.
+(`BootFaults`, a mixin like the probe waits in device_sim/boot_probes.py) and each acts where
+it would on a real boot: on the model (valves, overrun), on the firmware (clock skew, a hang
+that ignores vents, silence), on the sensors' readings as they go out (spikes, dead sensors,
+a missing chamber) or on the link (a dropped connection, garbage on a topic).
+`device_sim.faults` drives them from a scenario's fault plan and records each one in
+`faults_injected`.
 """
 
 from __future__ import annotations
@@ -25,14 +33,15 @@ import logging
 import math
 import random
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import TypedDict
 
 import aiomqtt
 from pydantic import ValidationError
 
-# BootFaults is the mixin; the rest is re-exported (device_sim.faults and tests use it here).
+# BootFaults is the mixin; the rest, like SELF_VENT_* and zones_for from the firmware, is
+# re-exported (device_sim.faults and tests import it from here).
 from device_sim.boot_faults import (  # noqa: F401
     MALFORMED_KINDS,
     TOO_LARGE_BYTES,
@@ -41,12 +50,12 @@ from device_sim.boot_faults import (  # noqa: F401
     malformed_telemetry,
 )
 from device_sim.boot_probes import BootProbes
-from device_sim.firmware import (
+from device_sim.firmware import (  # noqa: F401
     SELF_VENT_CONNECTION,
     SELF_VENT_HEARTBEAT,
-    heartbeat_lost,
-    heartbeat_timeout_s,
-    start_refusal,
+    BootFirmware,
+    Outgoing,
+    zones_for,
 )
 from device_sim.link_settings import NO_DELAY, BootLink
 from device_sim.physics import BootModel
@@ -56,14 +65,11 @@ from gateway.contract import (
     CHANNEL_RETAIN,
     HEARTBEAT_TOPIC,
     Ack,
-    AckStatus,
     ActiveSession,
     BootEvent,
-    BootState,
     Channel,
     Command,
     CommandKind,
-    EventKind,
     Heartbeat,
     PayloadError,
     Telemetry,
@@ -76,10 +82,6 @@ from gateway.mqtt_tls import client_security
 log = logging.getLogger(__name__)
 
 MAX_CMD_BYTES = 65536
-# Standard zone names, distal to proximal; boots with more chambers number the rest.
-_ZONES = ["foot", "calf", "knee", "thigh", "hip"]
-# Duplicate cmd_ids (QoS 1 redelivery) are answered from this memory instead of re-executed.
-_SEEN_CMDS = 256
 # Acks/events produced while offline wait here and go out after the reconnect.
 _OUTBOX_MAX = 1000
 _PUBLISH_TIMEOUT_S = 5.0
@@ -99,11 +101,6 @@ def account_kwargs(own: BootCredentials | None) -> BootAccount:
     if own is None:
         return {}
     return {"username": own.username, "password": own.password, "client_id": own.client_id}
-
-
-def zones_for(chambers: int) -> list[str]:
-    """Zone label per chamber, distal to proximal (BootState.zones)."""
-    return (_ZONES + [f"zone{i + 1}" for i in range(len(_ZONES), chambers)])[:chambers]
 
 
 class SimBoot(BootFaults, BootProbes):
@@ -137,8 +134,6 @@ class SimBoot(BootFaults, BootProbes):
         add`), which binds the client id to the username: give the one it was provisioned
         with. Defaults: client id `sim-{clinic}-{device}`; with a password and no username the
         username is the device id (protocol §3.2); with neither, `mqtt`'s username/password."""
-        if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
-            raise ValueError("heartbeat_timeout_s must be positive")
         self.clinic = clinic
         self.device = device
         self.key = f"{clinic}/{device}"
@@ -152,27 +147,15 @@ class SimBoot(BootFaults, BootProbes):
         self.telemetry_qos = (
             CHANNEL_QOS[Channel.TELEMETRY] if telemetry_qos is None else telemetry_qos
         )
-        self.firmware = firmware
         self.clock = clock
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.self_vent = self_vent
-        # Clock time of the last heartbeat that arrived live (retained ones prove nothing).
-        self.last_heartbeat_at: float | None = None
-        # interval_s of the last heartbeat seen, retained or not: it sizes the timeout.
-        self.heartbeat_interval_s: float | None = None
-        self.heartbeats_received = 0
-        self.self_vents = 0
-        # (clock time, cause) of every self-vent, for the report (the boot's own safety duty).
-        self.self_vents_at: list[tuple[float, str]] = []
+        # One generator for the model's noise and the ticker's phase: one seed, one trace.
         self._rng = random.Random(seed)
-        self.model = BootModel(chambers, max_pressure_mmhg, rng=self._rng)
+        self.fw = BootFirmware(
+            key=self.key, chambers=chambers, max_pressure_mmhg=max_pressure_mmhg,
+            telemetry_period_s=telemetry_period_s, version=firmware, rng=self._rng,
+            heartbeat_timeout_s=heartbeat_timeout_s, self_vent=self_vent,
+        )
         self._topics = {ch: topic(clinic, device, ch) for ch in Channel}
-
-        # Session bookkeeping.
-        self.session_id: str | None = None
-        self._start_cmd_id: str | None = None
-        self._active: ActiveSession | None = None
-        self._seq = 0
 
         self._init_faults()  # device_sim/boot_faults.py
 
@@ -185,7 +168,6 @@ class SimBoot(BootFaults, BootProbes):
         self.vents_received_at: list[float] = []
         self.spikes_published_at: list[float] = []
         self.state_publishes = 0
-        self.sessions_completed = 0
         self.acks_sent: list[Ack] = []
         self.events_sent: list[BootEvent] = []
         self.malformed_commands = 0
@@ -199,7 +181,6 @@ class SimBoot(BootFaults, BootProbes):
         self._client: aiomqtt.Client | None = None
         self._publish_lock = asyncio.Lock()
         self._outbox: deque[tuple[Channel, bytes]] = deque(maxlen=_OUTBOX_MAX)
-        self._seen: OrderedDict[str, Ack] = OrderedDict()
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------ public state
@@ -208,49 +189,91 @@ class SimBoot(BootFaults, BootProbes):
     def connected(self) -> bool:
         return self._client is not None
 
+    # What the firmware knows, read through (tests and the runner look at the boot).
+    @property
+    def firmware(self) -> str:
+        """The firmware version the state announces."""
+        return self.fw.version
+
+    @property
+    def model(self) -> BootModel:
+        """The physics model the firmware drives (the faults on valves act on it)."""
+        return self.fw.model
+
     @property
     def in_session(self) -> bool:
-        return self.model.in_session
+        return self.fw.in_session
+
+    @property
+    def session_id(self) -> str | None:
+        return self.fw.session_id
 
     @property
     def session(self) -> ActiveSession | None:
         """The running session as the retained state announces it."""
-        return self._active
+        return self.fw.session
+
+    @property
+    def heartbeat_timeout_s(self) -> float | None:
+        """The configured heartbeat-loss timeout (None: derived from the interval)."""
+        return self.fw.heartbeat_timeout_s
+
+    @property
+    def self_vent(self) -> bool:
+        return self.fw.self_vent
 
     @property
     def effective_heartbeat_timeout_s(self) -> float:
         """How long a session survives without a live heartbeat (protocol §7.2)."""
-        return heartbeat_timeout_s(self.heartbeat_timeout_s, self.heartbeat_interval_s)
+        return self.fw.effective_heartbeat_timeout_s
+
+    @property
+    def last_heartbeat_at(self) -> float | None:
+        """Clock time of the last heartbeat that arrived live (retained ones prove nothing)."""
+        return self.fw.last_heartbeat_at
+
+    @property
+    def heartbeat_interval_s(self) -> float | None:
+        """interval_s of the last heartbeat seen, retained or not: it sizes the timeout."""
+        return self.fw.heartbeat_interval_s
+
+    @property
+    def heartbeats_received(self) -> int:
+        return self.fw.heartbeats_received
+
+    @property
+    def self_vents(self) -> int:
+        return self.fw.self_vents
+
+    @property
+    def self_vents_at(self) -> list[tuple[float, str]]:
+        """(clock time, cause) of every self-vent, for the report."""
+        return self.fw.self_vents_at
+
+    @property
+    def sessions_completed(self) -> int:
+        return self.fw.sessions_completed
+
+    @property
+    def clock_skew_s(self) -> float:
+        """Offset of the boot's wall clock (set_clock_skew, step_clock)."""
+        return self.fw.clock_skew_s
 
     def device_time(self, now: float | None = None) -> float:
         """The boot's own wall clock: true time plus the injected skew and steps."""
-        return (self.clock() if now is None else now) + self.clock_skew_s
-
+        return self.fw.device_time(self.clock() if now is None else now)
 
     def state_payload(self, online: bool) -> bytes:
         """The retained state; the session only while online (the LWT never carries one)."""
-        return BootState(
-            online=online,
-            firmware=self.firmware,
-            chambers=self.chambers,
-            zones=zones_for(self.chambers),
-            max_pressure_mmhg=self.max_pressure_mmhg,
-            telemetry_period_s=self.telemetry_period_s,
-            ts=self.device_time(),
-            session=self._active if online else None,
-        ).to_payload()
+        return self.fw.state(online, self.clock()).to_payload()
 
     # ------------------------------------------------------------------ test / runner hooks
 
     async def press_stop(self) -> None:
         """The user's stop button (numbness, pain): the session stops and USER_STOP is sent."""
-        session_id = self.session_id
-        self.model.stop(self.clock())
-        ended = self._end_session()
-        log.info("user stop", extra={"boot": self.key, "session_id": session_id})
-        await self._event(EventKind.USER_STOP, session_id=session_id, detail="stop button")
-        if ended:
-            await self._publish_state()
+        out = self.fw.press_stop(self.clock())
+        self._notify()
+        await self._emit(out)
 
     async def publish_raw(
         self, channel: Channel, payload: bytes, qos: int = 1, *, retain: bool = False
@@ -285,10 +308,12 @@ class SimBoot(BootFaults, BootProbes):
                     "mqtt connection lost" if was_connected else "mqtt connect failed",
                     extra={"boot": self.key, "error": str(exc), "retry_in_s": backoff},
                 )
-                if was_connected and self.self_vent and self.model.in_session:
-                    # Protocol §7.2: the gateway cannot reach us any more; the event goes
-                    # out from the outbox after the reconnect.
-                    await self._self_vent(self.clock(), SELF_VENT_CONNECTION)
+                if was_connected:
+                    # Protocol §7.2: in a session the firmware vents, the gateway cannot
+                    # reach us any more; the event goes out from the outbox after the reconnect.
+                    out = self.fw.connection_lost(self.clock())
+                    self._notify()
+                    await self._emit(out)
                 delay = backoff * random.uniform(0.8, 1.2)
                 await self._pause_before_reconnect(
                     max(delay, self._offline_until - self.clock()))
@@ -406,11 +431,7 @@ class SimBoot(BootFaults, BootProbes):
         except ValidationError:
             log.debug("invalid heartbeat ignored", extra={"boot": self.key, "retained": retained})
             return
-        if math.isfinite(hb.interval_s) and hb.interval_s > 0:
-            self.heartbeat_interval_s = hb.interval_s
-        if not retained:
-            self.last_heartbeat_at = self.clock()
-            self.heartbeats_received += 1
+        self.fw.on_heartbeat(hb, retained=retained, now=self.clock())
         self._notify()
 
     def _set_client(self, client: aiomqtt.Client | None) -> None:
@@ -440,23 +461,19 @@ class SimBoot(BootFaults, BootProbes):
             self._notify()  # pressures and counters moved: let wait_until() re-check
 
     async def _sample(self) -> None:
+        """The firmware's tick (completion, heartbeat-loss self-vent, the sample), sent."""
         now = self.clock()
-        phase, measured = self.model.step(now)
-        # A session a stop/vent command already ended is not also "completed".
-        if self.model.poll_completed() and self.session_id is not None:
-            await self._complete_session()
-        elif self._heartbeat_lost(now):
-            await self._self_vent(now, SELF_VENT_HEARTBEAT)
-        session_id = self.session_id
-        if self._silent:
-            return
-        elapsed = self.model.session_elapsed(now) if session_id is not None else None
-        seq = self._seq
-        self._seq += 1
+        out = self.fw.sample(now)
+        self._notify()
+        await self._emit(out)
+
+    async def _publish_telemetry(self, msg: Telemetry) -> None:
+        """Put the firmware's sample on the wire, with the sensor faults applied to it."""
         client = self._client
         if client is None:
             return  # a pending spike waits for the next sample that is really published
-        pressures = [round(p, 1) for p in measured]
+        session_id = msg.session_id
+        pressures = list(msg.pressures)
         for chamber, reading in self._dropouts.items():
             pressures[chamber] = reading
         spikes, self._spikes = self._spikes, {}
@@ -464,14 +481,8 @@ class SimBoot(BootFaults, BootProbes):
             pressures[chamber] = value
         if self._count_mismatch:
             pressures = pressures[:-1]  # drops a spike on the last chamber, too
-        msg = Telemetry(
-            seq=seq,
-            ts=self.device_time(now),
-            session_id=session_id,
-            session_elapsed_s=None if elapsed is None else round(max(0.0, elapsed), 2),
-            phase=phase,
-            pressures=pressures,
-        )
+        if spikes or self._dropouts or self._count_mismatch:
+            msg = Telemetry(**{**msg.model_dump(), "pressures": pressures})
         # json.dumps writes NaN/Infinity as the JSON tokens; pydantic's JSON would write null.
         payload = (
             json.dumps(msg.model_dump(exclude_none=True)).encode()
@@ -502,51 +513,6 @@ class SimBoot(BootFaults, BootProbes):
                 self._spikes = {**spikes, **self._spikes}
             log.debug("telemetry not sent", extra={"boot": self.key, "error": str(exc)})
 
-    def _heartbeat_lost(self, now: float) -> bool:
-        """In session and neither a live heartbeat nor the session start within the timeout
-        (a session started from a stale heartbeat gets the full timeout, not an instant vent)."""
-        if not self.self_vent:
-            return False
-        return heartbeat_lost(
-            now, in_session=self.model.in_session,
-            session_elapsed_s=self.model.session_elapsed(now),
-            last_heartbeat_at=self.last_heartbeat_at,
-            timeout_s=self.effective_heartbeat_timeout_s)
-
-    async def _self_vent(self, now: float, cause: str) -> None:
-        """The boot's own safety duty (protocol §7.2): vent, end the session, say why."""
-        session_id = self.session_id
-        self.model.vent(now)
-        self._end_session()
-        self.self_vents += 1
-        self.self_vents_at.append((now, cause))
-        last = self.last_heartbeat_at
-        log.warning("self-vent", extra={
-            "boot": self.key, "session_id": session_id, "cause": cause,
-            "timeout_s": self.effective_heartbeat_timeout_s,
-            "heartbeat_silence_s": None if last is None else round(now - last, 3)})
-        await self._event(EventKind.VENTED, session_id=session_id, detail=cause)
-        await self._publish_state()
-
-    async def _complete_session(self) -> None:
-        session_id, cmd_id = self.session_id, self._start_cmd_id
-        self._end_session()
-        self.sessions_completed += 1
-        log.info("session completed", extra={"boot": self.key, "session_id": session_id})
-        await self._event(EventKind.SESSION_COMPLETED, session_id=session_id)
-        if cmd_id is not None:
-            await self._ack(cmd_id, AckStatus.DONE)
-        await self._publish_state()
-
-    def _end_session(self) -> bool:
-        """Forget the running session; True if there was one (its retained state must go)."""
-        ended = self._active is not None
-        self.session_id = None
-        self._start_cmd_id = None
-        self._active = None
-        self._notify()
-        return ended
-
     # ------------------------------------------------------------------ commands
 
     async def _on_message(self, payload: object) -> None:
@@ -569,7 +535,7 @@ class SimBoot(BootFaults, BootProbes):
         now = self.clock()
         self.commands_received.append(cmd)
         if cmd.kind is CommandKind.VENT:
-            # Safety first: count and act before any duplicate check or publishing.
+            # Safety first: count before the firmware or any publishing sees it.
             self.vents_received += 1
             self.vents_received_at.append(now)
             if self.vent_received_at is None:
@@ -579,84 +545,30 @@ class SimBoot(BootFaults, BootProbes):
             "command received",
             extra={"boot": self.key, "cmd_id": cmd.cmd_id, "cmd": cmd.kind.value},
         )
-        if cmd.kind is CommandKind.VENT and self._ignore_vents:
-            log.warning("vent ignored (injected firmware hang)",
-                        extra={"boot": self.key, "cmd_id": cmd.cmd_id})
-            return
-        previous = self._seen.get(cmd.cmd_id)
-        if previous is not None and cmd.kind is not CommandKind.VENT:
-            await self._ack(cmd.cmd_id, previous.status, previous.reason, remember=False)
-            return
-        if cmd.kind is CommandKind.START:
-            await self._start(cmd, now)
-        elif cmd.kind is CommandKind.STOP:
-            session_id = self.session_id
-            self.model.stop(now)
-            ended = self._end_session()
-            await self._ack(cmd.cmd_id, AckStatus.DONE)
-            if session_id is not None:
-                await self._event(EventKind.SESSION_STOPPED, session_id=session_id,
-                                  detail=cmd.reason)
-            if ended:
-                await self._publish_state()
-        else:
-            session_id = self.session_id
-            self.model.vent(now)
-            ended = self._end_session()
-            await self._ack(cmd.cmd_id, AckStatus.DONE)
-            await self._event(EventKind.VENTED, session_id=session_id, detail=cmd.reason)
-            if ended:
-                await self._publish_state()
-
-    def _start_refusal(self, cmd: Command, now: float) -> str | None:
-        return start_refusal(
-            cmd, device_now=self.device_time(now), in_session=self.model.in_session,
-            chambers=self.chambers, max_pressure_mmhg=self.max_pressure_mmhg)
-
-    async def _start(self, cmd: Command, now: float) -> None:
-        reason = self._start_refusal(cmd, now)
-        if reason is not None:
-            log.info(
-                "start rejected",
-                extra={"boot": self.key, "cmd_id": cmd.cmd_id, "reason": reason},
-            )
-            await self._ack(cmd.cmd_id, AckStatus.REJECTED, reason)
-            return
-        assert cmd.program is not None and cmd.session_id is not None
-        self.model.start(cmd.program, now)
-        self.session_id = cmd.session_id
-        self._start_cmd_id = cmd.cmd_id
-        self._active = ActiveSession(session_id=cmd.session_id, cmd_id=cmd.cmd_id,
-                                     program=cmd.program, started_at=self.device_time(now))
+        out = self.fw.handle(cmd, now)
         self._notify()
-        await self._ack(cmd.cmd_id, AckStatus.ACCEPTED)
-        await self._event(EventKind.SESSION_STARTED, session_id=cmd.session_id,
-                          detail=cmd.program.name)
-        await self._publish_state()
+        await self._emit(out)
 
     # ------------------------------------------------------------------ publishing
 
-    async def _ack(
-        self, cmd_id: str, status: AckStatus, reason: str | None = None, *, remember: bool = True
-    ) -> None:
-        ack = Ack(cmd_id=cmd_id, status=status, ts=self.device_time(), reason=reason)
-        if remember:
-            self._seen[cmd_id] = ack
-            self._seen.move_to_end(cmd_id)
-            while len(self._seen) > _SEEN_CMDS:
-                self._seen.popitem(last=False)
-        self.acks_sent.append(ack)
-        self._notify()
-        await self._send(Channel.ACK, ack.to_payload())
-
-    async def _event(
-        self, kind: EventKind, *, session_id: str | None = None, detail: str | None = None
-    ) -> None:
-        ev = BootEvent(kind=kind, ts=self.device_time(), session_id=session_id,
-                       detail=detail)
-        self.events_sent.append(ev)
-        self._notify()
-        await self._send(Channel.EVENT, ev.to_payload())
+    async def _emit(self, out: list[Outgoing]) -> None:
+        """Send what the firmware returned, one message after the other in its order."""
+        for msg in out:
+            m = msg.message
+            # Acks and events are recorded before their send (also when it is queued while
+            # offline), so the probes see them at once.
+            if isinstance(m, Ack):
+                self.acks_sent.append(m)
+                self._notify()
+                await self._send(msg.channel, m.to_payload())
+            elif isinstance(m, BootEvent):
+                self.events_sent.append(m)
+                self._notify()
+                await self._send(msg.channel, m.to_payload())
+            elif isinstance(m, Telemetry):
+                await self._publish_telemetry(m)
+            else:  # the state: built afresh under the publish lock, see _publish_state
+                await self._publish_state()
 
     async def _send(self, channel: Channel, payload: bytes) -> None:
         """Publish an ack/event; if offline or failing, keep it for after the reconnect."""

@@ -3,8 +3,11 @@
 Every rule of the gateway's safety watchdog needs a boot that breaks it on demand: a stuck or
 held valve, an overrun, a broken vent valve, a firmware hang that ignores vents, spikes and
 dead sensors, a wrong chamber count, silence, a skewed or stepped wall clock, a pulled cable,
-garbage on the telemetry topic. The switches live here in one place, apart from the firmware
-that obeys them (device_sim/boot.py reads them while sampling and handling commands);
+garbage on the telemetry topic. The switches live here in one place, and each acts where it
+would on a real boot: valve and timer faults on the physics model, a skewed or stepped wall
+clock, a hang that ignores vents and silence on the firmware (`BootFirmware` in
+device_sim/firmware.py), spikes, dead sensors and a missing chamber on the readings as the link
+(device_sim/boot.py) puts them on the wire, a pulled cable and garbage on the link itself;
 `clear_faults()` undoes them all. `device_sim.faults` drives them from a scenario's fault plan
 and records each one with `record_fault`. `SimBoot` inherits this mixin.
 """
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import aiomqtt
 
+from device_sim.firmware import BootFirmware
 from device_sim.physics import BootModel
 from gateway.contract import SENSOR_MIN_MMHG, Channel
 from gateway.mqtt_internals import paho_of
@@ -54,17 +58,19 @@ class BootFaults:
 
     key: str
     chambers: int
-    model: BootModel
+    fw: BootFirmware
     clock: Callable[[], float]
     telemetry_qos: int
     _client: aiomqtt.Client | None
-    _seq: int
     connections_dropped: int
     malformed_sent: int
     faults_injected: list[tuple[float, str]]
     faults_cleared: list[tuple[float, str]]
 
     if TYPE_CHECKING:  # provided by SimBoot and BootProbes; declared only for the type checker
+        @property
+        def model(self) -> BootModel: ...
+
         def _notify(self) -> None: ...
 
         def device_time(self, now: float | None = None) -> float: ...
@@ -74,25 +80,22 @@ class BootFaults:
         ) -> None: ...
 
     def _init_faults(self) -> None:
-        """Every switch off; called once by SimBoot.__init__ (clear_faults() resets them)."""
-        # Injected faults (the switches below).
-        self._silent = False
-        self._ignore_vents = False
+        """Every switch off; called once by SimBoot.__init__ (clear_faults() resets them).
+
+        The firmware's own switches (`fw.silent`, `fw.ignore_vents`, `fw.clock_skew_s`: the
+        offset of the wall clock that every `ts` and the expiry check use, while the timers
+        and session_elapsed_s run on the monotonic `clock`) start off in BootFirmware."""
+        # Faults on the readings as they go out (applied by SimBoot._publish_telemetry).
         self._count_mismatch = False
         self._spikes: dict[int, float] = {}
         self._dropouts: dict[int, float] = {}  # chamber -> what its dead sensor reads
-        # Offset of the boot's wall clock (every `ts` it sends, its expiry check). Skews and
-        # NTP-like steps (`set_clock_skew`, `step_clock`) move only this offset: the boot's
-        # timers and its session_elapsed_s run on `clock`, which stands for the firmware's
-        # monotonic clock and is never stepped.
-        self.clock_skew_s = 0.0
         # After drop_connection(): no reconnect before this clock time (reconnect_now ends it).
         self._offline_until = 0.0
         self._reconnect_wake = asyncio.Event()
 
     @property
     def silent(self) -> bool:
-        return self._silent
+        return self.fw.silent
 
     @property
     def sensor_dropouts(self) -> dict[int, float]:
@@ -127,7 +130,7 @@ class BootFaults:
     def set_ignore_vents(self, on: bool) -> None:
         """Fault (firmware hang): vent commands are received and counted, never executed,
         acked or answered with an event."""
-        self._ignore_vents = on
+        self.fw.ignore_vents = on
         log.info("ignore vents fault", extra={"boot": self.key, "ignore_vents": on})
 
     def inject_spike(self, chamber: int, value: float) -> None:
@@ -148,7 +151,7 @@ class BootFaults:
 
     def set_silent(self, on: bool) -> None:
         """Fault: telemetry stops (connection stays up, commands are still obeyed)."""
-        self._silent = on
+        self.fw.silent = on
         log.info("silent fault", extra={"boot": self.key, "silent": on})
 
     def set_clock_skew(self, skew_s: float) -> None:
@@ -157,7 +160,7 @@ class BootFaults:
         timers. Set from one moment to the next, as an NTP step would."""
         if not math.isfinite(skew_s):
             raise ValueError(f"clock skew must be finite, got {skew_s}")
-        self.clock_skew_s = float(skew_s)
+        self.fw.clock_skew_s = float(skew_s)
         log.info("clock skew set", extra={"boot": self.key, "skew_s": skew_s})
 
     def step_clock(self, step_s: float) -> None:
@@ -168,9 +171,9 @@ class BootFaults:
         do not move."""
         if not math.isfinite(step_s):
             raise ValueError(f"clock step must be finite, got {step_s}")
-        self.clock_skew_s += float(step_s)
+        self.fw.clock_skew_s += float(step_s)
         log.info("clock stepped", extra={"boot": self.key, "step_s": step_s,
-                                         "offset_s": self.clock_skew_s})
+                                         "offset_s": self.fw.clock_skew_s})
 
     def set_sensor_dropout(self, chamber: int, reading: float = SENSOR_MIN_MMHG) -> None:
         """Fault: this chamber's transducer is dead and reports `reading` on every sample
@@ -219,7 +222,7 @@ class BootFaults:
     async def publish_malformed(self, kind: MalformedKind) -> bytes:
         """Fault: put contract-breaking bytes on the telemetry topic; returns what was sent.
         Normal telemetry goes on as before, so the gateway must not take the boot for silent."""
-        payload = malformed_telemetry(kind, self.chambers, self._seq, self.device_time())
+        payload = malformed_telemetry(kind, self.chambers, self.fw.seq, self.device_time())
         await self.publish_raw(Channel.TELEMETRY, payload, qos=self.telemetry_qos)
         self.malformed_sent += 1
         return payload
@@ -233,9 +236,9 @@ class BootFaults:
     def clear_faults(self) -> None:
         """Undo every injected fault (model and firmware); a pending spike is dropped."""
         self.model.clear_faults()
-        self._silent = self._ignore_vents = self._count_mismatch = False
+        self.fw.silent = self.fw.ignore_vents = self._count_mismatch = False
         self._spikes.clear()
         self._dropouts.clear()
-        self.clock_skew_s = 0.0
+        self.fw.clock_skew_s = 0.0
         self.reconnect_now()
         log.info("faults cleared", extra={"boot": self.key})

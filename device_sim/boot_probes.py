@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from gateway.contract import Ack, AckStatus, BootEvent, Command, CommandKind, EventKind
 
@@ -26,8 +26,13 @@ class BootProbes:
     events_sent: list[BootEvent]
     vents_received: int
     vent_received_at: float | None
-    self_vents: int
-    sessions_completed: int
+
+    if TYPE_CHECKING:  # SimBoot reads these from its firmware (device_sim/firmware.py)
+        @property
+        def self_vents(self) -> int: ...
+
+        @property
+        def sessions_completed(self) -> int: ...
 
     def _notify(self) -> None:
         """Wake every waiter; they re-check their predicate against the new state."""
