@@ -9,6 +9,8 @@ from collections.abc import Collection
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.influx_client import InfluxClient, Retry
 from gateway.settings import InfluxSettings
@@ -85,3 +87,16 @@ async def test_a_network_error_is_retry_and_says_no_secret() -> None:
     await influx.aclose()
     assert caught.value.kind == "unavailable" and caught.value.remainder == lines(2)
     assert "hunter2" not in caught.value.reason
+
+
+@given(st.lists(st.binary(min_size=1, max_size=30).filter(lambda b: b"\n" not in b),
+                max_size=1_300))
+@settings(max_examples=60, deadline=None)
+async def test_a_write_body_sent_in_pieces_is_the_batch_joined(lines: list[bytes]) -> None:
+    """The body goes out chunked (no 500 KB block per write, which fragmented the heap); the
+    pieces together must be exactly the lines joined by newlines, nothing more or less."""
+    from gateway.influx_client import BODY_CHUNK_LINES, _body_chunks
+
+    pieces = [piece async for piece in _body_chunks(lines)]
+    assert b"".join(pieces) == b"\n".join(lines)
+    assert len(pieces) == -(-len(lines) // BODY_CHUNK_LINES)
