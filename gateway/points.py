@@ -14,7 +14,7 @@ import functools
 import math
 
 from gateway.commands import TrackedCommand
-from gateway.contract import Alarm, BootEvent, Telemetry, TopicAddress
+from gateway.contract import MAX_CHAMBERS, Alarm, BootEvent, Telemetry, TopicAddress
 from gateway.fleet import Boot, Session
 from gateway.lineprotocol import FieldValue, Point, _escape_str
 from gateway.schema import Measurement, make_point
@@ -90,6 +90,7 @@ def _telemetry_head(clinic: str, device: str, phase: str) -> str:
                  {"seq": 0}, 0).encode().rsplit(" ", 2)[0]
 
 
+_PRESSURE_KEYS = tuple(f"p{i}=" for i in range(1, MAX_CHAMBERS + 1))
 TELEMETRY_PRIORITY = make_point(Measurement.TELEMETRY, {}, {}, 0).priority
 
 
@@ -101,22 +102,22 @@ def telemetry_line(addr: TopicAddress, sample: Telemetry,
     a value could not be encoded (a non-finite target): `telemetry(...)` is refused then,
     with its reason, by the writer.
     """
-    parts: list[str] = []
-    bad = []
-    top = -math.inf
-    for i, p in enumerate(sample.pressures, 1):
-        if math.isfinite(p):
-            parts.append(f"p{i}={float(p)!r}")
-            if p > top:
-                top = p
-        else:
-            bad.append(f"p{i}={p}")
-    if bad:
-        if parts:
-            parts.append(f"max_p={float(top)!r}")
-        parts.append(f'bad_values="{_escape_str(",".join(bad))}"')
+    pressures = sample.pressures
+    if math.isfinite(sum(pressures)):  # every reading finite (else the long way)
+        parts = [key + repr(float(p)) for key, p in zip(_PRESSURE_KEYS, pressures, strict=False)]
+        parts.append(f"max_p={float(max(pressures))!r}")
     else:
-        parts.append(f"max_p={float(top)!r}")
+        parts, bad = [], []
+        for key, p in zip(_PRESSURE_KEYS, pressures, strict=False):
+            if math.isfinite(p):
+                parts.append(key + repr(float(p)))
+            else:
+                bad.append(f"{key}{p}")
+        finite = [p for p in pressures if math.isfinite(p)]
+        if finite:
+            parts.append(f"max_p={float(max(finite))!r}")
+        if bad:
+            parts.append(f'bad_values="{_escape_str(",".join(bad))}"')
     parts.append(f"seq={sample.seq}i")
     if sample.session_id:
         parts.append(f'session_id="{_escape_str(sample.session_id)}"')
@@ -126,7 +127,7 @@ def telemetry_line(addr: TopicAddress, sample: Telemetry,
         if not math.isfinite(target):
             return None
         parts.append(f"target_p{i}={float(target)!r}")
-    head = _telemetry_head(addr.clinic, addr.device, sample.phase.value)
+    head = _telemetry_head(addr.clinic, addr.device, sample.phase)
     return f"{head} {','.join(parts)} {telemetry_time_us(sample)}".encode()
 
 

@@ -42,6 +42,8 @@ targets = st.one_of(st.none(), st.lists(st.one_of(
 @example("c1", "b1", Telemetry(seq=1, ts=1.0, phase=Phase.IDLE, pressures=[math.nan]), None)
 @example("c1", "b1", Telemetry(seq=1, ts=1.0, phase=Phase.IDLE, pressures=[-0.0, 0.0]), None)
 @example("c1", "b1", Telemetry(seq=1, ts=1.0, phase=Phase.IDLE, pressures=[0.0, -0.0]), [1.0])
+@example("c1", "b1", Telemetry(seq=1, ts=1.0, phase=Phase.IDLE, pressures=[1e308, 1e308]), None)
+@example("c1", "b1", Telemetry(seq=1, ts=1.0, phase=Phase.IDLE, pressures=[1, 2]), None)
 def test_the_direct_line_is_the_points_line(clinic: str, device: str, sample: Telemetry,
                                             target_list: list[float] | None) -> None:
     addr = TopicAddress(clinic, device, Channel.TELEMETRY)
