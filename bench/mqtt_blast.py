@@ -13,6 +13,14 @@ come from a template (pydantic is ~4 us per message, too slow to pre-encode mill
 checked against `to_payload()` on a sample of messages of every stream, so the contract stays
 the source of truth.
 
+A long stream (a 10-minute soak at ~25,000 msg/s is ~15 million frames, ~2 GB) does not fit
+in memory: `--segment-s S` builds it in segments of S seconds in a background thread while
+the current one is sent (`SegmentBuilder`; at most two segments exist at any time), with seq,
+ts and packet ids continuing across segments exactly as one pre-built buffer would have them.
+The building then shares the process with the sending (a few % of one core at 25,000 msg/s);
+the result reports how long the sender waited for a segment (`builder_wait_s`, 0 when the
+builder kept ahead).
+
 Run as its own process (`python -m bench.mqtt_blast ...`, as bench/peers.py does) so that its
 CPU is not the orchestrator's; it prints JSON lines: `built`, `start` (when the timed stream
 begins, for the caller's CPU counters) and `done` (the result).
@@ -22,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import socket
 import struct
 import sys
 import threading
 import time
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -221,13 +231,17 @@ def _payload(seq: int, ts: float, pressures: str) -> bytes:
 
 
 def build_frames(boots: int, count: int, rate: float, qos: int, seq_base: int, ts_base: float,
-                 clinic: str = CLINIC) -> Frames:
+                 clinic: str = CLINIC, first: int = 0) -> Frames:
     """`count` telemetry messages round-robin over the boots, sample j at ts_base + j/rate.
 
     Each boot's seq runs seq_base, seq_base+1, ...; its ts is the sample's scheduled send time,
     so the stored time is "now" and a boot's samples never share a millisecond while each boot
     sends less than 1000 per second. At QoS 1 packet j has id j % 65535 + 1: unique within any
     window of up to 65535 unacknowledged packets.
+
+    `first`: this is the segment of the stream's messages first .. first+count-1; every number
+    (boot, seq, ts, packet id, pressures) comes from the message's index in the whole stream,
+    so segments built one after the other are byte for byte the one buffer's slices.
     """
     topics = [topic(clinic, f"b{i}", Channel.TELEMETRY).encode() for i in range(boots)]
     heads = [struct.pack("!H", len(t)) + t for t in topics]
@@ -236,12 +250,12 @@ def build_frames(boots: int, count: int, rate: float, qos: int, seq_base: int, t
     buf = bytearray()
     ends = array("Q")
     step = 1.0 / rate if rate > 0 else 1e-6
-    for j in range(count):
+    for j in range(first, first + count):
         boot, k = j % boots, j // boots
         seq, ts = seq_base + k, round(ts_base + j * step, 6)
         pressures = IDLE_PRESSURES[k % len(IDLE_PRESSURES)]
         payload = _payload(seq, ts, press[k % len(press)])
-        if k == 0 or j % CHECK_EVERY == 0:
+        if k == 0 or j == first or j % CHECK_EVERY == 0:
             expected = Telemetry(seq=seq, ts=ts, phase=Phase.IDLE,
                                  pressures=pressures).to_payload()
             if payload != expected:
@@ -256,7 +270,56 @@ def build_frames(boots: int, count: int, rate: float, qos: int, seq_base: int, t
         buf += b"\x00"
         buf += payload
         ends.append(len(buf))
-    return Frames(buf, ends, qos, ts_base, ts_base + max(0, count - 1) * step)
+    return Frames(buf, ends, qos, ts_base + first * step,
+                  ts_base + (first + max(0, count - 1)) * step)
+
+
+class SegmentBuilder(threading.Thread):
+    """Builds a long stream segment by segment, ahead of the sender, at most two at a time.
+
+    A slot (semaphore of 2) is taken before a segment is built and given back when the sender
+    has written it all: while segment k is sent, k+1 is built (or waits, built), and k+2 not
+    before k is gone. Iterating yields the segments in order; a failed build (the template
+    check) is raised in the sender's thread.
+    """
+
+    def __init__(self, boots: int, count: int, rate: float, qos: int, seq_base: int,
+                 ts_base: float, segment: int, clinic: str = CLINIC) -> None:
+        super().__init__(daemon=True, name="segment-builder")
+        self.boots, self.count, self.rate, self.qos = boots, count, rate, qos
+        self.seq_base, self.ts_base, self.clinic = seq_base, ts_base, clinic
+        self.segment = max(1, segment)
+        self.segments = -(-count // self.segment)
+        self._slots = threading.Semaphore(2)
+        self._ready: queue.Queue[Frames | BaseException] = queue.Queue()
+        self.waited_s = 0.0  # the sender's time blocked on a segment not yet built (after #0)
+        self.build_s = 0.0  # this thread's time building
+
+    def run(self) -> None:
+        try:
+            for first in range(0, self.count, self.segment):
+                self._slots.acquire()
+                t = time.perf_counter()
+                frames = build_frames(self.boots, min(self.segment, self.count - first),
+                                      self.rate, self.qos, self.seq_base, self.ts_base,
+                                      self.clinic, first=first)
+                self.build_s += time.perf_counter() - t
+                self._ready.put(frames)
+                del frames
+        except BaseException as exc:  # surfaced in the sender, which otherwise waits forever
+            self._ready.put(exc)
+
+    def __iter__(self) -> Iterator[Frames]:
+        for i in range(self.segments):
+            t = time.perf_counter()
+            item = self._ready.get()
+            if i:
+                self.waited_s += time.perf_counter() - t
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item  # the sender has dropped its references too: the segment is freed
+            self._slots.release()
 
 
 @dataclass
@@ -270,6 +333,8 @@ class BlastResult:
     refused: int  # QoS 1: PUBACKs with a failure reason code
     window: int  # QoS 1: the in-flight limit used
     ts_lag_s: float  # how late the first write was against the first sample's ts
+    segments: int = 1  # > 1: streamed, built while sending (--segment-s)
+    builder_wait_s: float = 0.0  # streamed: the sender's time waiting for a segment
 
 
 class _AckCounter(threading.Thread):
@@ -340,41 +405,64 @@ def blast(conn: MqttConnection, frames: Frames, rate: float, window: int = 65535
     pacing is smooth at any rate without a syscall per message. At QoS 1 no more than
     `window` packets are unacknowledged at any time.
     """
+    return blast_segments(conn, [frames], len(frames), frames.qos, rate, window, start_at)
+
+
+def blast_segments(conn: MqttConnection, segments: Iterable[Frames], total: int, qos: int,
+                   rate: float, window: int = 65535,
+                   start_at: float | None = None) -> BlastResult:
+    """`blast` over a stream that comes in segments (a list, or a SegmentBuilder): the pacing,
+    the QoS 1 window and the counts run over the whole stream's message index, so a segment
+    boundary is invisible on the wire. The first segment is taken before the timed start."""
     window = max(1, min(window, conn.receive_maximum, 65535))
     conn.sock.settimeout(None)
-    acks = _AckCounter(conn.sock) if frames.qos else None
+    acks = _AckCounter(conn.sock) if qos else None
     if acks is not None:
         acks.start()
+    source = iter(segments)
+    pending: Frames | None = next(source, None)
+    ts_first = pending.ts_first if pending is not None else time.time()
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
-    view = memoryview(frames.buf)
-    ends = frames.ends
-    n = len(ends)
     chunk = max(1, min(MAX_CHUNK, int(rate / 1000))) if rate > 0 else MAX_CHUNK
     wall0 = time.time()
     t0 = time.perf_counter()
-    sent = 0
-    while sent < n:
-        upto = min(n, sent + MAX_CHUNK)
-        if rate > 0:
-            due = min(upto, int((time.perf_counter() - t0) * rate) + 1)
-            if due < min(n, sent + chunk):  # less than a chunk due: wait for one
-                time.sleep(max(0.0, t0 + (sent + chunk) / rate - time.perf_counter()))
-                continue
-            upto = due
-        if acks is not None:
-            if acks.error:
-                raise MqttError(acks.error)
-            upto = min(upto, acks.acked + window)
-            if upto <= sent:
-                acks.wake.clear()
-                acks.waiting = True
-                acks.wake.wait(0.001)
-                acks.waiting = False
-                continue
-        start = ends[sent - 1] if sent else 0
-        conn.sock.sendall(view[start:ends[upto - 1]])
-        sent = upto
+    sent = 0  # over the whole stream
+    n_segments = 0
+    while pending is not None:
+        n_segments += 1
+        view = memoryview(pending.buf)
+        ends = pending.ends
+        base = sent
+        seg_end = base + len(ends)
+        pending = None  # the segment lives in `view` and `ends` only: freed after its send
+        while sent < seg_end:
+            upto = min(seg_end, sent + MAX_CHUNK)
+            if rate > 0:
+                due = min(upto, int((time.perf_counter() - t0) * rate) + 1)
+                if due < min(seg_end, sent + chunk):  # less than a chunk due: wait for one
+                    time.sleep(max(0.0, t0 + (sent + chunk) / rate - time.perf_counter()))
+                    continue
+                upto = due
+            if acks is not None:
+                if acks.error:
+                    raise MqttError(acks.error)
+                upto = min(upto, acks.acked + window)
+                if upto <= sent:
+                    acks.wake.clear()
+                    acks.waiting = True
+                    acks.wake.wait(0.001)
+                    acks.waiting = False
+                    continue
+            start = ends[sent - base - 1] if sent > base else 0
+            conn.sock.sendall(view[start:ends[upto - base - 1]])
+            sent = upto
+        view.release()
+        del view, ends
+        pending = next(source, None)
+    n = sent
+    if n != total:
+        raise AssertionError(f"the segments held {n} messages, not {total}")
     t_end = time.perf_counter()
     acked, refused, ack_end = n, 0, t_end
     if acks is not None:
@@ -387,11 +475,13 @@ def blast(conn: MqttConnection, frames: Frames, rate: float, window: int = 65535
     seconds = max(t_end - t0, 1e-9)
     # At QoS 1 the last write may be a whole window ahead of what the broker has taken: the
     # rate counts until the last PUBACK, or a short unpaced burst would look far too fast.
-    taken_s = max(ack_end - t0, 1e-9) if frames.qos else seconds
+    taken_s = max(ack_end - t0, 1e-9) if qos else seconds
+    waited = segments.waited_s if isinstance(segments, SegmentBuilder) else 0.0
     return BlastResult(sent=n, seconds=round(seconds, 4), achieved_rate=round(n / taken_s, 1),
                        target_rate=rate, acked=acked, ack_seconds=round(ack_end - t0, 4),
-                       refused=refused, window=window if frames.qos else 0,
-                       ts_lag_s=round(wall0 - frames.ts_first, 4))
+                       refused=refused, window=window if qos else 0,
+                       ts_lag_s=round(wall0 - ts_first, 4), segments=n_segments,
+                       builder_wait_s=round(waited, 3))
 
 
 # ---------------------------------------------------------------- the process
@@ -413,26 +503,48 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-base", type=int, default=0)
     p.add_argument("--window", type=int, default=65535, help="QoS 1 in-flight limit")
     p.add_argument("--announce", action="store_true", help="publish the retained states first")
+    p.add_argument("--segment-s", type=float, default=0.0,
+                   help="stream mode: build the frames in segments of this many seconds while "
+                        "sending (at most two in memory); 0 = build all before the start")
     args = p.parse_args(argv)
     count = args.count or int(args.rate * args.seconds)
     conn = MqttConnection(args.host, args.port, f"bench-blast-{time.monotonic_ns()}")
     if args.announce:
         announce(conn, args.boots, args.rate or 1e6)
+    segment = count
+    if args.segment_s > 0:
+        segment = max(1, min(count, int(args.rate * args.segment_s) if args.rate > 0
+                             else 200_000))
     # The samples carry their scheduled send time: estimate how long building takes from a
-    # small trial build, so the stream starts right when its first sample's ts says.
+    # small trial build, so the stream starts right when its first sample's ts says (streamed:
+    # once its first segment is built).
     t = time.perf_counter()
     build_frames(args.boots, min(count, 20_000), args.rate, args.qos, 0, time.time())
     per_msg = (time.perf_counter() - t) / max(1, min(count, 20_000))
-    ts_base = time.time() + per_msg * count * 1.2 + 0.3
-    frames = build_frames(args.boots, count, args.rate, args.qos, args.seq_base, ts_base)
-    _emit("built", messages=len(frames), bytes=len(frames.buf),
-          receive_maximum=conn.receive_maximum, ts_base=ts_base)
-    start_at = max(ts_base, time.time())
-    _emit("start", at=start_at)
-    result = blast(conn, frames, args.rate, args.window, start_at=start_at)
+    ts_base = time.time() + per_msg * segment * 1.2 + 0.3
+    if segment < count:
+        # The builder thread holds the GIL while it builds: a short switch interval lets the
+        # sender's wake-ups through within half a millisecond (the default is 5 ms), so the
+        # pacing stays about as smooth as with one pre-built buffer.
+        sys.setswitchinterval(0.0005)
+        builder = SegmentBuilder(args.boots, count, args.rate, args.qos, args.seq_base, ts_base,
+                                 segment)
+        builder.start()
+        _emit("built", messages=count, segments=builder.segments, segment_messages=segment,
+              receive_maximum=conn.receive_maximum, ts_base=ts_base)
+        start_at = max(ts_base, time.time())
+        _emit("start", at=start_at)
+        result = blast_segments(conn, builder, count, args.qos, args.rate, args.window,
+                                start_at=start_at)
+    else:
+        frames = build_frames(args.boots, count, args.rate, args.qos, args.seq_base, ts_base)
+        _emit("built", messages=len(frames), bytes=len(frames.buf),
+              receive_maximum=conn.receive_maximum, ts_base=ts_base)
+        start_at = max(ts_base, time.time())
+        _emit("start", at=start_at)
+        result = blast(conn, frames, args.rate, args.window, start_at=start_at)
     conn.close()
     _emit("done", **asdict(result))
-
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,14 @@ trial, not its target. See README.md, "Peers bench", for how to read the table.
     .venv/bin/python bench/peers.py                     # everything, both QoS (~15-20 min)
     .venv/bin/python bench/peers.py --only gateway --qos 0 --seconds 5
 
-`run_trial()` runs one contender at one rate and returns the trial's numbers: the piece a
-vent-reaction phase (a probe boot at 80 % of the gateway's maximum) or an RSS soak builds on.
+`run_trial()` runs one contender at one rate and returns the trial's numbers. Two phases build
+on the gateway's result (issue 14's other targets, measured in the same run):
+
+    reaction   probe boots in this process spike one chamber above the ceiling, one after the
+               other, and time spike -> vent, with no stream ("quiet") and under a QoS 0
+               stream at 80 % of the gateway's zero-loss maximum (target: p99 < 10 ms)
+    soak       the gateway under such a stream for --soak-s (600 for the target), its VmRSS
+               every 10 s (target: flat within +-10 % of the value at 60 s)
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import node_red
 from bench.common import cpu_seconds, rss_mb
-from bench.mqtt_blast import CLINIC, MqttConnection, boot_state, telemetry_period
+from bench.mqtt_blast import (
+    CLINIC,
+    MqttConnection,
+    MqttError,
+    boot_state,
+    publish_frame,
+    telemetry_period,
+    varint,
+)
 from device_sim.local_stack import (
     LocalInflux,
     LocalMosquitto,
@@ -56,7 +71,7 @@ from device_sim.local_stack import (
     find_binary,
     free_port,
 )
-from gateway.contract import Channel, Phase, Telemetry, TopicAddress, topic
+from gateway.contract import Ack, AckStatus, Channel, Phase, Telemetry, TopicAddress, topic
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("ceiling", "node-red", "gateway", "storage")
@@ -78,6 +93,24 @@ BROKER_CONF = (
     "max_inflight_bytes 0\n"
     "persistence false\n"
 )
+# The reaction phase (issue 14: vent reaction p99 < 10 ms at 80 % of the gateway's maximum).
+REACTION_CLINIC = "reaction"  # probe boots q<i> (quiet run) and r<i> (under the stream)
+LOAD_SHARE = 0.8  # the phases' default stream: this share of the gateway's QoS 0 maximum
+PROBE_IDLE_SAMPLES = 3  # normal samples before a probe's spike: the boot is live and watched
+PROBE_IDLE = [0.5, 0.6, 0.4, 0.3]
+SPIKE_MMHG = 150.0  # above the 100 mmHg ceiling (rule 1), below rule 6's 250 (plausible)
+VENT_WAIT_S = 2.0  # a spike without its vent this long after is "not vented"
+REACTION_LEAD_S = 1.5  # the stream runs this long before the first spike (steady state)
+# A fresh gateway's first second holds one-off work (900 retained states, the first writes):
+# seen as a 38 ms reaction and a 55 ms loop lag in the quiet run without this pause.
+REACTION_SETTLE_S = 2.0
+REACTION_TARGET_MS = 10.0
+PREBUILD_MAX = 2_000_000  # a longer stream is built in segments while it is sent
+SEGMENT_S = 5.0
+# The soak (issue 14: RSS flat within +-10 % over 10 minutes at 80 % load).
+SOAK_SAMPLE_S = 10.0
+SOAK_WARMUP_S = 60.0
+SOAK_TARGET_PERCENT = 10.0
 
 
 def telemetry_count(clinic: str) -> str:
@@ -153,10 +186,12 @@ class Bench:
         d.mkdir(parents=True, exist_ok=True)
         return self.trial_no, d
 
-    def announce(self, rate: float) -> None:
+    def announce(self, rate: float, extra: Iterable[tuple[str, str]] = ()) -> None:
         """Retained online states with the period the rate implies, before a contender
         starts: the gateway then knows every boot (telemetry of a boot without state is
-        stored but not watched, and counted as rejected `unknown_boot_telemetry`)."""
+        stored but not watched, and counted as rejected `unknown_boot_telemetry`). `extra`:
+        more (clinic, device) boots, e.g. the reaction phase's probes (4 chambers, 120 mmHg,
+        a 1 s period)."""
         period = telemetry_period(self.boots, rate)
         conn = MqttConnection("127.0.0.1", self.broker.port, "bench-announce")
         try:
@@ -165,6 +200,9 @@ class Bench:
                              retain=True)
             conn.publish(topic(PROBE_CLINIC, "p0", Channel.STATE), boot_state(1.0), qos=1,
                          retain=True)
+            for clinic, device in extra:
+                conn.publish(topic(clinic, device, Channel.STATE), boot_state(1.0), qos=1,
+                             retain=True)
         finally:
             conn.close()
 
@@ -321,6 +359,14 @@ class GatewayRun:
     def stored(self) -> int:
         return count(self.influx, self.database, telemetry_count(CLINIC))
 
+    def stats(self) -> dict[str, object]:
+        """/api/v1/stats now ({} when the API does not answer: the caller reports what it has)."""
+        try:
+            st = self.api.get("/api/v1/stats").json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return st if isinstance(st, dict) else {}
+
     def notes(self) -> dict[str, object]:
         """What the gateway itself says: rejected or invalid input, drops, vents, its logs."""
         out: dict[str, object] = {}
@@ -410,12 +456,18 @@ class Trial:
                 and (self.target_rate == 0 or self.achieved_rate >= 0.9 * self.target_rate))
 
 
-def _blaster(bench: Bench, rate: float, qos: int, count_: int | None) -> subprocess.Popen[str]:
+def _blaster(bench: Bench, rate: float, qos: int, count_: int | None,
+             seconds: float | None = None, segment_s: float = 0.0) -> subprocess.Popen[str]:
+    """The stream in its own process; `segment_s` > 0: built in segments while it is sent (a
+    long stream would not fit in memory pre-built)."""
     cmd = [sys.executable, "-m", "bench.mqtt_blast", "--port", str(bench.broker.port),
-           "--boots", str(bench.boots), "--rate", str(rate), "--seconds", str(bench.seconds),
+           "--boots", str(bench.boots), "--rate", str(rate),
+           "--seconds", str(seconds if seconds is not None else bench.seconds),
            "--qos", str(qos), "--seq-base", str(bench.seq_next)]
     if count_:
         cmd += ["--count", str(count_)]
+    if segment_s > 0:
+        cmd += ["--segment-s", str(segment_s)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
@@ -645,6 +697,508 @@ def publisher_max(bench: Bench, qos: int, messages: int) -> tuple[dict[str, obje
                               "broker_cpu_s": round(broker, 2)}}, with_sub
 
 
+# ---------------------------------------------------------------- reaction and soak
+
+
+SUBSCRIBE = 0x82  # packet type 8 with the flags MQTT requires (0b0010)
+SUBACK = 0x90
+PUBLISH = 0x30
+
+
+class ProbeLink:
+    """The probe boots' side, in this process: one raw MQTT v5 connection and a reader thread.
+
+    Not paho: with loop_start, paho's own thread writes what another thread publishes (a
+    socketpair wake-up and a GIL hand-off), and on a loaded 2-core machine that delay would
+    be counted as the gateway's. Here a spike goes into the kernel from the caller's thread
+    right after its timestamp, and the reader, blocked in recv(), stamps a vent the moment it
+    is woken: what is left is what any boot on this machine would see.
+
+    Each vent is answered as a boot would: ack `done` with its cmd_id and a sample in phase
+    vent with every chamber near 0 (a fresh seq), so the gateway confirms the vent (rule 8
+    stays quiet: no re-send, no unanswered command).
+    """
+
+    def __init__(self, port: int, clinic: str) -> None:
+        self.clinic = clinic
+        self.conn = MqttConnection("127.0.0.1", port, f"bench-reaction-{os.getpid()}")
+        self.sock = self.conn.sock
+        self.sock.settimeout(None)
+        self._send_lock = threading.Lock()
+        self._next_id = 1
+        self.seq: dict[str, int] = {}
+        self.vents: dict[str, list[float]] = {}  # device -> arrival of each vent (monotonic)
+        self.other_cmds: list[str] = []  # anything but a vent: reported, never expected
+        self.error: str | None = None
+        self._suback = threading.Event()
+        self._suback_code = 0
+        self._reader = threading.Thread(target=self._read, daemon=True, name="probe-reader")
+        self._reader.start()
+        self._subscribe(f"boots/v1/{clinic}/+/cmd")
+
+    def _packet_id(self) -> int:
+        pid = self._next_id
+        self._next_id = pid % 65535 + 1
+        return pid
+
+    def _subscribe(self, topic_filter: str) -> None:
+        """Subscribe (QoS 1) and wait for the SUBACK: a vent before it would be missed."""
+        raw = topic_filter.encode()
+        with self._send_lock:
+            body = (self._packet_id().to_bytes(2, "big") + b"\x00"
+                    + len(raw).to_bytes(2, "big") + raw + b"\x01")
+            self.sock.sendall(bytes([SUBSCRIBE]) + varint(len(body)) + body)
+        if not self._suback.wait(10):
+            raise MqttError(f"no SUBACK for {topic_filter} ({self.error or 'timeout'})")
+        if self._suback_code >= 0x80:
+            raise MqttError(f"subscription {topic_filter} refused: {self._suback_code:#x}")
+
+    def _read(self) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                now = time.monotonic()  # every packet in this read arrived by now
+                if not data:
+                    self.error = "connection closed by the broker"
+                    return
+                buf += data
+                pos = 0
+                while pos < len(buf):
+                    length, body = 0, pos + 1
+                    for shift in range(0, 28, 7):  # the remaining length (varint)
+                        if body >= len(buf):
+                            body = -1
+                            break
+                        byte = buf[body]
+                        body += 1
+                        length |= (byte & 0x7F) << shift
+                        if not byte & 0x80:
+                            break
+                    if body < 0 or body + length > len(buf):
+                        break
+                    try:
+                        self._handle(buf[pos], bytes(buf[body:body + length]), now)
+                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                        # One odd packet must not end the reader: every later vent would
+                        # then count as "not vented". Reported with the phase.
+                        self.other_cmds.append(f"unhandled packet {buf[pos]:#x}: {exc!r}")
+                    pos = body + length
+                del buf[:pos]
+        except OSError as exc:
+            if self.error is None:
+                self.error = str(exc)
+        finally:
+            self._suback.set()
+
+    def _handle(self, first: int, body: bytes, now: float) -> None:
+        kind = first & 0xF0
+        if kind == SUBACK:
+            props = body[2]  # a short property list: one length byte
+            self._suback_code = body[3 + props] if len(body) > 3 + props else 0x80
+            self._suback.set()
+            return
+        if kind != PUBLISH:
+            return  # PUBACKs of our acks, PINGRESP
+        qos = (first >> 1) & 3
+        n = int.from_bytes(body[:2], "big")
+        name = body[2:2 + n].decode()
+        pos = 2 + n
+        if qos:
+            pid = body[pos:pos + 2]
+            pos += 2
+            with self._send_lock:
+                self.sock.sendall(b"\x40\x02" + pid)  # PUBACK, success
+        props, shift = 0, 0
+        while True:  # the property length (varint), then skip the properties
+            byte = body[pos]
+            pos += 1
+            props |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        payload = body[pos + props:]
+        device = name.split("/")[3]
+        try:
+            cmd = json.loads(payload)
+        except ValueError:
+            self.other_cmds.append(f"{device}: unparsable {payload[:80]!r}")
+            return
+        if cmd.get("kind") != "vent":
+            self.other_cmds.append(f"{device}: {cmd.get('kind')}")
+            return
+        self.vents.setdefault(device, []).append(now)
+        ack = Ack(cmd_id=cmd["cmd_id"], status=AckStatus.DONE, ts=time.time()).to_payload()
+        self._publish(topic(self.clinic, device, Channel.ACK), ack, qos=1)
+        self.sample(device, [0.5] * len(PROBE_IDLE), Phase.VENT)
+
+    def _publish(self, topic_name: str, payload: bytes, qos: int = 0) -> float:
+        with self._send_lock:
+            frame = publish_frame(topic_name, payload, qos, self._packet_id() if qos else 0)
+            at = time.monotonic()  # just before the write; lock waits are not counted
+            self.sock.sendall(frame)
+        return at
+
+    def sample(self, device: str, pressures: list[float], phase: Phase = Phase.IDLE) -> float:
+        """One telemetry sample of `device` (next seq, ts now); returns its monotonic send time."""
+        seq = self.seq.get(device, -1) + 1
+        self.seq[device] = seq
+        payload = Telemetry(seq=seq, ts=time.time(), phase=phase,
+                            pressures=pressures).to_payload()
+        return self._publish(topic(self.clinic, device, Channel.TELEMETRY), payload)
+
+    def close(self) -> None:
+        self.conn.close()  # the reader's recv() ends with the socket
+        self._reader.join(2)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least q % of them at or below it (p99 of 200
+    is the 198th, so the two worst probes are above it)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def distribution(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"p50": round(percentile(values, 50), 2), "p90": round(percentile(values, 90), 2),
+            "p99": round(percentile(values, 99), 2), "max": round(max(values), 2),
+            "min": round(min(values), 2)}
+
+
+def _sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+def probe_sequence(link: ProbeLink, devices: list[str],
+                   interval_s: float) -> tuple[dict[str, object], tuple[float, float]]:
+    """Per probe boot, one every `interval_s`: a few idle samples, half an interval later the
+    spike (one chamber at SPIKE_MMHG, rule 1); then up to VENT_WAIT_S for the last vents.
+
+    One spike per boot: a boot already in a vent episode is not vented again, so a second
+    spike would measure nothing. Reactions are spike publish -> vent received, in ms; a
+    vent later than VENT_WAIT_S counts as not vented. Also returns the monotonic times of the
+    first and the last spike (to check the stream covered them).
+    """
+    spikes: dict[str, float] = {}
+    spike = [SPIKE_MMHG, *PROBE_IDLE[1:]]
+    begin = time.monotonic()
+    for i, device in enumerate(devices):
+        slot = begin + i * interval_s
+        _sleep_until(slot)
+        for _ in range(PROBE_IDLE_SAMPLES):
+            link.sample(device, PROBE_IDLE)
+        _sleep_until(slot + interval_s / 2)
+        if device in link.vents:
+            raise RuntimeError(f"probe {device} was vented before its spike: check the bench")
+        spikes[device] = link.sample(device, spike)
+    last = max(spikes.values())
+    while time.monotonic() < last + VENT_WAIT_S and not all(d in link.vents for d in devices):
+        time.sleep(0.02)
+    per_probe: list[float | None] = []
+    for device in devices:
+        arrivals = link.vents.get(device, [])
+        ms = (arrivals[0] - spikes[device]) * 1000 if arrivals else None
+        per_probe.append(round(ms, 3) if ms is not None and ms <= VENT_WAIT_S * 1000 else None)
+    reactions = [r for r in per_probe if r is not None]
+    worst = sorted(((r, i) for i, r in enumerate(per_probe) if r is not None), reverse=True)[:5]
+    return {
+        "count": len(devices), "vented": len(reactions),
+        "not_vented_in_2s": len(devices) - len(reactions),
+        "reaction_ms": distribution(reactions),
+        "repeated_vents": sum(max(0, len(link.vents.get(d, [])) - 1) for d in devices),
+        # The five slowest: probe index and its spike's time from the sequence's start, to
+        # line up with the stream, a GC pause or a storage flush.
+        "slowest": [{"probe": i, "at_s": round(spikes[devices[i]] - begin, 3), "ms": r}
+                    for r, i in worst],
+        "per_probe_ms": per_probe, "seconds": round(time.monotonic() - begin, 2),
+    }, (min(spikes.values()), last)
+
+
+def _gateway_gauges(gw: GatewayRun) -> dict[str, object]:
+    st = gw.stats()
+    msgs = st.get("messages")
+    return {"loop_lag_max_ms": st.get("loop_lag_max_ms"),
+            "gc_pause_max_ms": st.get("gc_pause_max_ms"), "vents_sent": st.get("vents_sent"),
+            "vents_confirmed": st.get("vents_confirmed"),
+            "acks": msgs.get("ack") if isinstance(msgs, dict) else None,
+            "rejected": st.get("rejected")}
+
+
+@dataclass
+class Stream:
+    """A stream run next to a phase: the blaster's numbers and what the gateway stored."""
+
+    target_rate: float
+    achieved_rate: float
+    sent: int
+    stored: int  # within drain_s of its end
+    stored_final: int
+    started: float  # monotonic, first write
+    ended: float  # monotonic, last write
+    gateway_cpu_percent: float
+    others_cores: float
+    publisher: dict[str, object]
+
+    @property
+    def lost_nothing(self) -> bool:
+        return self.stored == self.sent
+
+
+def _start_stream(bench: Bench, rate: float, seconds: float) -> tuple[
+        subprocess.Popen[str], Iterator[dict[str, object]], float]:
+    """Start the QoS 0 stream; returns once its first write is due (monotonic time of it)."""
+    segment = SEGMENT_S if rate * seconds > PREBUILD_MAX else 0.0
+    pub = _blaster(bench, rate, 0, None, seconds=seconds, segment_s=segment)
+    events = _events(pub)
+    for ev in events:
+        if ev["event"] == "start":
+            wait = float(ev["at"]) - time.time()  # type: ignore[arg-type]
+            _sleep_until(time.monotonic() + wait)
+            return pub, events, time.monotonic()
+    raise RuntimeError("the publisher ended before its stream started")
+
+
+def _finish_stream(bench: Bench, gw: GatewayRun, rate: float, pub: subprocess.Popen[str],
+                   events: Iterator[dict[str, object]], started: float,
+                   counters: tuple[float, float, float, float, float, float]) -> Stream:
+    """Wait for the publisher's `done`, then for the gateway to store it all (or stop)."""
+    result: dict[str, object] = {}
+    for ev in events:
+        if ev["event"] == "done":
+            result = ev
+    t_end = time.monotonic()
+    sent = int(result["sent"])  # type: ignore[call-overload]
+    bench.seq_next += sent // bench.boots + 1
+    stored, in_time, _ = _drain(gw, sent, t_end, bench.drain_s)
+    gw0, busy0, own0, pub0, broker0, influx0 = counters
+    elapsed = max(1e-9, time.monotonic() - started)
+    gw_cpu = _cpu(gw.pid) - gw0
+    others = (machine_busy_s() - busy0 - gw_cpu - (_cpu(bench.broker_pid) - broker0)
+              - (_cpu(bench.influx_pid) - influx0) - (_cpu(pub.pid) - pub0)
+              - (_own_cpu() - own0))
+    return Stream(target_rate=rate, achieved_rate=float(result["achieved_rate"]),  # type: ignore[arg-type]
+                  sent=sent, stored=in_time, stored_final=stored, started=started,
+                  ended=started + float(result["seconds"]),  # type: ignore[arg-type]
+                  gateway_cpu_percent=round(100 * gw_cpu / elapsed, 1),
+                  others_cores=round(max(0.0, others) / elapsed, 2),
+                  publisher={k: v for k, v in result.items() if k != "event"})
+
+
+def _counters(bench: Bench, gw: GatewayRun,
+              pub: subprocess.Popen[str]) -> tuple[float, float, float, float, float, float]:
+    return (_cpu(gw.pid), machine_busy_s(), _own_cpu(), _cpu(pub.pid), _cpu(bench.broker_pid),
+            _cpu(bench.influx_pid))
+
+
+def _stream_summary(st: Stream) -> dict[str, object]:
+    return {"target_rate": st.target_rate, "achieved_rate": st.achieved_rate, "sent": st.sent,
+            "stored": st.stored, "stored_final": st.stored_final,
+            "lost_nothing": st.lost_nothing, "seconds": round(st.ended - st.started, 2),
+            "gateway_cpu_percent": st.gateway_cpu_percent, "others_cores": st.others_cores,
+            "publisher_segments": st.publisher.get("segments"),
+            "publisher_builder_wait_s": st.publisher.get("builder_wait_s"),
+            "publisher_ts_lag_s": st.publisher.get("ts_lag_s")}
+
+
+def reaction_phase(bench: Bench, rate: float, basis: str, probes: int, interval_s: float,
+                   log: Callable[[str], None] = print) -> dict[str, object]:
+    """Spike -> vent for `probes` probe boots, first with no stream, then under a QoS 0 stream
+    at `rate`, in one gateway process (the quiet run's boots are q<i>, the loaded run's r<i>:
+    every probe boot gets exactly one spike)."""
+    no, d = bench.next_trial()
+    database = f"peers_{no:03d}"
+    bench.influx.query("", f'CREATE DATABASE "{database}"')
+    quiet_devs = [f"q{i}" for i in range(probes)]
+    load_devs = [f"r{i}" for i in range(probes)]
+    bench.announce(rate, extra=[(REACTION_CLINIC, dv) for dv in quiet_devs + load_devs])
+    gw = GatewayRun(bench, 0, d, database)
+    link: ProbeLink | None = None
+    pub: subprocess.Popen[str] | None = None
+    try:
+        link = ProbeLink(bench.broker.port, REACTION_CLINIC)
+        time.sleep(REACTION_SETTLE_S)
+        quiet, _ = probe_sequence(link, quiet_devs, interval_s)
+        quiet["gateway"] = _gateway_gauges(gw)
+        log(f"  reaction quiet: {_reaction_line(quiet)}")
+        seconds = REACTION_LEAD_S + probes * interval_s + VENT_WAIT_S + 1.0
+        pub, events, started = _start_stream(bench, rate, seconds)
+        counters = _counters(bench, gw, pub)
+        _sleep_until(started + REACTION_LEAD_S)
+        loaded, (first_spike, last_spike) = probe_sequence(link, load_devs, interval_s)
+        stream = _finish_stream(bench, gw, rate, pub, events, started, counters)
+        loaded["stream_covered_all_probes"] = stream.ended >= last_spike
+        loaded["first_spike_after_stream_start_s"] = round(first_spike - started, 2)
+        loaded["stream"] = _stream_summary(stream)
+        loaded["gateway"] = _gateway_gauges(gw)
+        log(f"  reaction at {stream.achieved_rate:,.0f} msg/s: {_reaction_line(loaded)}")
+        notes = gw.notes()
+        extra = {"other_commands": link.other_cmds, "link_error": link.error}
+    finally:
+        if link is not None:
+            link.close()
+        if pub is not None and pub.poll() is None:
+            pub.kill()
+            pub.wait()
+        gw.stop()
+        bench.influx.query("", f'DROP DATABASE "{database}"')
+    p99 = loaded["reaction_ms"].get("p99")  # type: ignore[attr-defined]
+    return {"rate": rate, "rate_basis": basis, "probes": probes, "probe_interval_s": interval_s,
+            "spike_mmhg": SPIKE_MMHG, "target_p99_ms": REACTION_TARGET_MS,
+            "target_met": bool(p99 is not None and p99 < REACTION_TARGET_MS
+                               and loaded["not_vented_in_2s"] == 0
+                               and loaded["stream"]["lost_nothing"]),  # type: ignore[index]
+            "quiet": quiet, "loaded": loaded, "gateway_notes": notes, **extra}
+
+
+def soak_phase(bench: Bench, rate: float, basis: str, seconds: float,
+               log: Callable[[str], None] = print) -> dict[str, object]:
+    """The gateway under a QoS 0 stream at `rate` for `seconds`, VmRSS every SOAK_SAMPLE_S.
+
+    The stream is built in segments while it is sent (a 10-minute one would not fit in
+    memory). Growth is measured from the value after the warm-up (SOAK_WARMUP_S, or half the
+    soak if shorter): the first minute holds the allocator's and the caches' one-off growth.
+    """
+    no, d = bench.next_trial()
+    database = f"peers_{no:03d}"
+    bench.influx.query("", f'CREATE DATABASE "{database}"')
+    bench.announce(rate)
+    gw = GatewayRun(bench, 0, d, database)
+    pub: subprocess.Popen[str] | None = None
+    series: list[tuple[float, float]] = []
+    # With each RSS sample, the gateway's storage queue: RSS that follows the queue is a
+    # backlog (the gateway fell behind for a while), not a leak.
+    queues: list[object] = []
+    try:
+        pub = _blaster(bench, rate, 0, None, seconds=seconds, segment_s=SEGMENT_S)
+        events = _events(pub)
+        started = 0.0
+        for ev in events:
+            if ev["event"] == "start":
+                _sleep_until(time.monotonic() + float(ev["at"]) - time.time())  # type: ignore[arg-type]
+                started = time.monotonic()
+                break
+        counters = _counters(bench, gw, pub)
+        next_at = started
+        while pub.poll() is None:
+            now = time.monotonic()
+            if now >= next_at:
+                series.append((round(now - started, 1), round(rss_mb(gw.pid, peak=False), 2)))
+                queues.append(gw.stats().get("storage_queue"))
+                if len(series) % 6 == 1:
+                    log(f"  soak t={series[-1][0]:.0f} s: RSS {series[-1][1]:.1f} MB, storage "
+                        f"queue {queues[-1]}")
+                next_at += SOAK_SAMPLE_S
+            time.sleep(min(0.5, max(0.0, next_at - time.monotonic())))
+        series.append((round(time.monotonic() - started, 1), round(rss_mb(gw.pid, peak=False), 2)))
+        queues.append(gw.stats().get("storage_queue"))
+        stream = _finish_stream(bench, gw, rate, pub, events, started, counters)
+        peak = rss_mb(gw.pid)
+        gauges = _gateway_gauges(gw)
+        notes = gw.notes()
+    finally:
+        if pub is not None and pub.poll() is None:
+            pub.kill()
+            pub.wait()
+        gw.stop()
+        bench.influx.query("", f'DROP DATABASE "{database}"')
+    warm_t = min(SOAK_WARMUP_S, seconds / 2)
+    after = [(t, r) for t, r in series if t >= warm_t - 1] or series[-1:]
+    base_t, base = after[0]
+    rss = [r for _, r in after]
+    slope = None
+    if len(after) >= 3:  # least squares over the samples after warm-up, MB per minute
+        mt = sum(t for t, _ in after) / len(after)
+        mr = sum(rss) / len(rss)
+        var = sum((t - mt) ** 2 for t, _ in after)
+        slope = round(60 * sum((t - mt) * (r - mr) for t, r in after) / var, 3) if var else None
+    to_max = round(100 * (max(rss) - base) / base, 1) if rss else None
+    to_end = round(100 * (series[-1][1] - base) / base, 1)
+    to_min = round(100 * (min(rss) - base) / base, 1) if rss else None
+    flat = all(v is not None and abs(v) <= SOAK_TARGET_PERCENT for v in (to_max, to_end, to_min))
+    return {"rate": rate, "rate_basis": basis, "seconds": seconds,
+            "sample_every_s": SOAK_SAMPLE_S, "warmup_s": base_t,
+            "series": [{"t": t, "rss_mb": r, "storage_queue": q}
+                       for (t, r), q in zip(series, queues, strict=True)],
+            "rss_at_warmup_mb": base, "rss_min_after_warmup_mb": min(rss) if rss else None,
+            "rss_max_after_warmup_mb": max(rss) if rss else None,
+            "rss_end_mb": series[-1][1], "change_to_max_percent": to_max,
+            "change_to_min_percent": to_min, "change_to_end_percent": to_end,
+            "slope_mb_per_min_after_warmup": slope, "peak_rss_mb": round(peak, 1),
+            "target_percent": SOAK_TARGET_PERCENT,
+            "target_met": bool(flat and stream.lost_nothing and seconds >= 600),
+            "flat_within_target": flat, "stream": _stream_summary(stream),
+            "gateway": gauges, "gateway_notes": notes}
+
+
+def _reaction_line(r: dict[str, object]) -> str:
+    ms = r.get("reaction_ms") or {}
+    gw = r.get("gateway") or {}
+    text = (f"{r['vented']}/{r['count']} vented ({r['not_vented_in_2s']} not in 2 s), "
+            + (", ".join(f"{k} {ms[k]:.2f}" for k in ("p50", "p90", "p99", "max"))  # type: ignore[index]
+               + " ms" if ms else "no reactions"))
+    if isinstance(gw, dict):
+        text += f"; gateway loop lag max {gw.get('loop_lag_max_ms')} ms"
+    st = r.get("stream")
+    if isinstance(st, dict):
+        text += (f"; stream {st['achieved_rate']:,.0f} msg/s, stored {st['stored']:,}/"
+                 f"{st['sent']:,}" + (" (lost nothing)" if st["lost_nothing"] else " (LOSS)")
+                 + _others(st))
+    return text
+
+
+def _others(stream: dict[str, object]) -> str:
+    """Cores busy outside the bench during a phase's stream; `*` when the machine was shared
+    (a test suite started next to a soak once made the gateway fall behind and grow 30 %)."""
+    cores = float(stream["others_cores"])  # type: ignore[arg-type]
+    return f", others {cores:.2f} cores" + ("*" if cores > NOISY_CORES else "")
+
+
+def phases_text(report: dict[str, object]) -> list[str]:
+    """The reaction and soak phases, for under the table."""
+    lines: list[str] = []
+    r = report.get("reaction")
+    if isinstance(r, dict):
+        if "skipped" in r:
+            lines.append(f"reaction: skipped ({r['skipped']})")
+        else:
+            lines.append(f"reaction (probe boots, one chamber at {r['spike_mmhg']:g} mmHg -> "
+                         f"vent; {r['probes']} probes every {r['probe_interval_s']:g} s; "
+                         f"stream {r['rate']:,.0f} msg/s = {r['rate_basis']}):")
+            lines.append(f"  quiet:  {_reaction_line(r['quiet'])}")
+            lines.append(f"  loaded: {_reaction_line(r['loaded'])}")
+            slow = ", ".join(f"#{s['probe']} at {s['at_s']:.2f} s: {s['ms']:.1f} ms"
+                             for s in r["loaded"]["slowest"][:3])
+            lines.append(f"  slowest under load: {slow or '-'}")
+            lines.append(f"  target p99 < {r['target_p99_ms']:g} ms at 80 % load, all vented, "
+                         f"stream lossless: {'met' if r['target_met'] else 'NOT met'}")
+    s = report.get("soak")
+    if isinstance(s, dict):
+        if "skipped" in s:
+            lines.append(f"soak: skipped ({s['skipped']})")
+        else:
+            st = s["stream"]
+            lines.append(
+                f"soak {s['seconds']:g} s at {st['achieved_rate']:,.0f} msg/s "
+                f"({s['rate_basis']}): RSS {s['rss_at_warmup_mb']:.1f} MB at "
+                f"{s['warmup_s']:g} s, then {s['rss_min_after_warmup_mb']:.1f}-"
+                f"{s['rss_max_after_warmup_mb']:.1f} MB, to max {s['change_to_max_percent']:+.1f}"
+                f" %, to end {s['change_to_end_percent']:+.1f} % "
+                f"(slope {s['slope_mb_per_min_after_warmup']} MB/min); stored "
+                f"{st['stored']:,}/{st['sent']:,}"
+                + (" (lost nothing)" if st["lost_nothing"] else " (LOSS)") + _others(st))
+            lines.append("  RSS MB (storage queue): " + " ".join(
+                f"{p['t']:.0f}:{p['rss_mb']:.1f}({p.get('storage_queue')})" for p in s["series"]))
+            lines.append(f"  target within +-{s['target_percent']:g} % over 600 s: "
+                         + ("met" if s["target_met"] else
+                            "flat" if s["flat_within_target"] and s["seconds"] < 600
+                            and st["lost_nothing"] else "NOT met")
+                         + (" (shorter than the target's 600 s)" if s["seconds"] < 600 else ""))
+    return lines
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -728,6 +1282,7 @@ def table(report: dict[str, object]) -> str:
                      f"{p['to_mosquitto_sub']['achieved_rate']:,.0f} msg/s with mosquitto_sub "
                      f"({p['to_mosquitto_sub']['received']:,}/{p['to_mosquitto_sub']['sent']:,}"
                      " received)")
+    lines += phases_text(report)
     return "\n".join(lines)
 
 
@@ -768,6 +1323,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="the checkout the gateway runs from (e.g. a git worktree)")
     p.add_argument("--out", type=Path, default=ROOT / "run" / "peers.json")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs per trial)")
+    p.add_argument("--reaction", action=argparse.BooleanOptionalAction, default=None,
+                   help="the vent-reaction phase (default: on when the gateway is a contender)")
+    p.add_argument("--reaction-rate", type=float, metavar="MSG_PER_S",
+                   help=f"its stream (default: {LOAD_SHARE * 100:.0f} %% of the gateway's QoS 0 "
+                        "zero-loss max of this run, or of --start-rate gateway=... without "
+                        "a QoS 0 search, e.g. with --max-trials 0)")
+    p.add_argument("--probes", type=int, default=200, help="probe boots per reaction run")
+    p.add_argument("--probe-interval-s", type=float, default=0.05,
+                   help="between two probes' spikes")
+    p.add_argument("--soak-s", type=float, default=0.0,
+                   help="the RSS soak's length (600 for the issue's target; 0: no soak)")
+    p.add_argument("--soak-rate", type=float, metavar="MSG_PER_S",
+                   help="its stream (default as --reaction-rate)")
     args = p.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = set(only) - set(CONTENDERS)
@@ -778,6 +1346,8 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.start_rate:
         name, _, value = item.partition("=")
         starts[name] = float(value)
+    given_starts = {item.partition("=")[0] for item in args.start_rate}
+    do_reaction = args.reaction if args.reaction is not None else "gateway" in only
 
     began, load0 = time.monotonic(), os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
@@ -808,7 +1378,7 @@ def main(argv: list[str] | None = None) -> None:
                     pubs.append(summary)
                     print(f"publisher qos {qos}: {summary}", flush=True)
             searches = []
-            for name in [c for c in MQTT_CONTENDERS if c in only]:
+            for name in [c for c in MQTT_CONTENDERS if c in only and args.max_trials > 0]:
                 for qos in qos_list:
                     print(f"{name} qos {qos}:", flush=True)
                     earlier = [unpaced[qos]] if name == "ceiling" and qos in unpaced else []
@@ -818,13 +1388,42 @@ def main(argv: list[str] | None = None) -> None:
             if "storage" in only:
                 storage = storage_ceiling(bench, args.storage_points)
                 print(f"storage: {storage}", flush=True)
+            gw_max = next((s.best.achieved_rate for s in searches
+                           if s.contender == "gateway" and s.qos == 0 and s.best), None)
+            if gw_max is not None:
+                basis_rate: float | None = gw_max
+                basis = f"{LOAD_SHARE:.0%} of the QoS 0 max {gw_max:,.0f} msg/s of this run"
+            elif "gateway" in given_starts:
+                basis_rate = starts["gateway"]
+                basis = f"{LOAD_SHARE:.0%} of --start-rate gateway={basis_rate:,.0f}"
+            else:
+                basis_rate, basis = None, ""
+            phases: dict[str, dict[str, object] | None] = {"reaction": None, "soak": None}
+            for phase, wanted, given in (("reaction", do_reaction, args.reaction_rate),
+                                         ("soak", args.soak_s > 0, args.soak_rate)):
+                if not wanted:
+                    continue
+                if given is None and basis_rate is None:
+                    phases[phase] = {"skipped": "no rate: no QoS 0 gateway search passed; give "
+                                     f"--{phase}-rate or --start-rate gateway=..."}
+                    print(f"{phase}: {phases[phase]['skipped']}", flush=True)  # type: ignore[index]
+                    continue
+                rate = given if given is not None else round(LOAD_SHARE * basis_rate, -1)  # type: ignore[operator]
+                why = "given" if given is not None else basis
+                print(f"{phase} at {rate:,.0f} msg/s ({why}):", flush=True)
+                if phase == "reaction":
+                    phases[phase] = reaction_phase(bench, rate, why, args.probes,
+                                                   args.probe_interval_s)
+                else:
+                    phases[phase] = soak_phase(bench, rate, why, args.soak_s)
         meta["load_after"] = os.getloadavg()
         # Another change to the checkout during the run shows here (each trial starts a
         # fresh gateway process, so the trials after the change ran the new code).
         meta["gateway_revision_after"] = git_revision(args.gateway_pythonpath)
         meta["run_s"] = round(time.monotonic() - began, 1)
         report = {"meta": meta, "searches": [asdict(s) for s in searches],
-                  "ratios": ratios(searches), "publisher": pubs, "storage": storage}
+                  "ratios": ratios(searches), "publisher": pubs, "storage": storage,
+                  **phases}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
         print()

@@ -50,6 +50,9 @@ class Writer:
     def submit(self, point: Any) -> None:
         self.trace.calls.append(f"point:{point.measurement}")
 
+    def submit_line(self, line: bytes, *, priority: bool) -> None:
+        self.trace.calls.append(f"point:{line.split(b',', 1)[0].decode()}")
+
 
 def test_a_ceiling_vent_is_sent_before_it_is_logged_stored_or_alarmed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

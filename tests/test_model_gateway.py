@@ -100,9 +100,14 @@ class Records:
 
     def __init__(self) -> None:
         self.points: list[Point] = []
+        self.lines: list[bytes] = []
 
     def submit(self, point: Point) -> None:
         self.points.append(point)
+
+    def submit_line(self, line: bytes, *, priority: bool) -> None:
+        """An encoded point (the telemetry path's): the model reads only the other points."""
+        self.lines.append(line)
 
     def sessions(self) -> dict[str, list[str]]:
         rows: dict[str, list[str]] = {}
