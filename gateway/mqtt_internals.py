@@ -96,6 +96,7 @@ class _BufferedReceive:
         self._recv = paho._sock_recv  # the original: TLS want-read as BlockingIOError etc.
         self._buf = bytearray()
         self._sock: object = None
+        self.end_burst = False  # set by end_read_burst: stop reading after this packet
 
     @property
     def pending(self) -> bool:
@@ -209,6 +210,9 @@ def fast_publish_reading(client: aiomqtt.Client, on_publish: Callable[[str, byte
         for _ in range(burst - 1):
             if rc != 0:
                 break
+            if recv.end_burst:  # a vent waits to be written: the loop's turn comes first
+                recv.end_burst = False
+                break
             if paho._in_packet["command"] == 0 and recv.pending:
                 plain = recv.take_plain_publish()
                 if plain is not None:  # whole in the buffer: no need for paho's reading
@@ -248,6 +252,14 @@ def fast_publish_reading(client: aiomqtt.Client, on_publish: Callable[[str, byte
 
     paho.loop_read = loop_read  # type: ignore[method-assign]
     return client
+
+
+def end_read_burst(client: aiomqtt.Client) -> None:
+    """End the current read burst after the packet being handled, so that a write queued
+    with `call_soon` (a vent) runs before the next ~200 packets are handled, not after."""
+    recv = paho_of(client)._sock_recv
+    if isinstance(recv, _BufferedReceive):
+        recv.end_burst = True
 
 
 def received_unread(client: aiomqtt.Client) -> bool:

@@ -21,6 +21,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.mqtt_internals import (
     dispatching_queue,
+    end_read_burst,
     fast_publish_reading,
     paho_of,
     received_unread,
@@ -198,6 +199,7 @@ class MqttLink:
         # Not from here: this may run inside paho's on_message, which holds a lock that a
         # write can need.
         asyncio.get_running_loop().call_soon(self._write_now, paho)
+        end_read_burst(client)  # the write's turn comes before the rest of the read burst
         return True
 
     @staticmethod

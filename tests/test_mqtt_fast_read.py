@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import aiomqtt
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from gateway.mqtt_internals import (
     READ_BURST_PACKETS,
     READ_CHUNK_BYTES,
     dispatching_queue,
+    end_read_burst,
     fast_publish_reading,
     paho_of,
     reading_in_bursts,
@@ -55,7 +57,8 @@ USER_PROPERTY = b"\x26\x00\x01k\x00\x01v"
 class _Endpoint:
     """One client of either kind on a socket pair: what it delivers, what it writes back."""
 
-    def __init__(self, fast: bool) -> None:
+    def __init__(self, fast: bool, after_each: Callable[[], None] | None = None) -> None:
+        self.after_each = after_each
         self.delivered: list[tuple[str, bytes]] = []
         self.errors: list[str] = []
         self.client = aiomqtt.Client("127.0.0.1", 1, identifier="fast-read",
@@ -82,6 +85,8 @@ class _Endpoint:
 
     def _direct(self, topic: str, payload: bytes) -> None:
         self.delivered.append((topic, payload))
+        if self.after_each is not None:
+            self.after_each()
 
     async def feed(self, data: bytes) -> bytes:
         """Write `data` as a broker would, let the client read it all; what it wrote back."""
@@ -172,5 +177,26 @@ async def test_a_message_with_properties_takes_pahos_way_and_is_delivered() -> N
                                  + publish(b"t/2", b"y", qos=1, mid=8))
         assert fast.delivered == [("t/1", b"x"), ("t/2", b"y")]
         assert answer == b"\x40\x02\x00\x07\x40\x02\x00\x08"  # PUBACK 7, PUBACK 8 (§3.4)
+    finally:
+        await fast.close()
+
+
+async def test_a_vent_ends_the_read_burst_so_its_write_comes_next() -> None:
+    """The gateway's vent is written on the loop's next turn: a burst that went on handling
+    the ~200 packets behind the spike first would delay it by their handling time."""
+    spike_at = 5
+
+    def after_each() -> None:
+        if len(fast.delivered) == spike_at:
+            end_read_burst(fast.client)  # what MqttLink.publish_urgent does after a vent
+
+    fast = _Endpoint(True, after_each)
+    try:
+        fast.broker.sendall(b"".join(publish(b"t/x", b"%d" % i) for i in range(300)))
+        fast.paho.loop_read()
+        assert len(fast.delivered) == spike_at
+        assert received_unread(fast.client)  # the rest waits for the next turn
+        await fast.feed(b"")
+        assert [p for _, p in fast.delivered] == [b"%d" % i for i in range(300)]
     finally:
         await fast.close()
