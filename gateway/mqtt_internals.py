@@ -109,8 +109,9 @@ class _BufferedReceive:
         None and nothing consumed: paho reads it its own way."""
         buf = self._buf
         n = len(buf)
-        if n < 2 or buf[0] & 0xF6 not in (0x30, 0x32) or self._sock is not self._paho._sock:
-            return None  # not a PUBLISH of QoS 0/1 (the dup and retain bits are free)
+        if (n < 2 or buf[0] & 0xF6 not in (0x30, 0x32) or self._sock is not self._paho._sock
+                or self._paho._protocol != paho_mqtt.MQTTv5):
+            return None  # not an MQTT 5 PUBLISH of QoS 0/1 (the dup and retain bits are free)
         length = mult = 0
         pos = 1
         while True:  # the remaining length (MQTT 5 §1.5.5), at most four bytes
@@ -123,21 +124,12 @@ class _BufferedReceive:
             if not byte & 0x80:
                 break
         end = pos + length
-        if end > n or length < 3:
+        if end > n:
             return None
-        qos = (buf[0] & 0x06) >> 1
-        topic_end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
-        props = topic_end + 2 if qos else topic_end
-        if props >= end or buf[props] != 0 or topic_end == pos + 2:
-            return None
-        try:
-            topic = buf[pos + 2:topic_end].decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        mid = (buf[topic_end] << 8) | buf[topic_end + 1] if qos else 0
-        payload = bytes(buf[props + 1:end])
-        del buf[:end]
-        return topic, payload, qos, mid
+        plain = _plain_publish(buf[0], buf, pos, end)
+        if plain is not None:
+            del buf[:end]
+        return plain
 
     def __call__(self, bufsize: int) -> bytes:
         buf = self._buf
@@ -154,7 +146,27 @@ class _BufferedReceive:
         return chunk
 
 
-def _publish_fast_path(paho: paho_mqtt.Client, recv: _BufferedReceive,
+def _plain_publish(header: int, data: bytes | bytearray, start: int, end: int
+                   ) -> tuple[str, bytes, int, int] | None:
+    """A plain PUBLISH's variable header and payload, `data[start:end]` (MQTT 5 §3.3): QoS 0
+    or 1, a non-empty UTF-8 topic, no properties. (topic, payload, qos, packet id), or None
+    for anything else, which paho then reads its own way."""
+    qos = (header & 0x06) >> 1
+    if qos > 1 or end - start < 3:
+        return None
+    topic_end = start + 2 + ((data[start] << 8) | data[start + 1])
+    props = topic_end + 2 if qos else topic_end
+    if props >= end or data[props] != 0 or topic_end == start + 2:
+        return None
+    try:
+        topic = data[start + 2:topic_end].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    mid = (data[topic_end] << 8) | data[topic_end + 1] if qos else 0
+    return topic, bytes(data[props + 1:end]), qos, mid
+
+
+def _publish_fast_path(paho: paho_mqtt.Client,
                        on_publish: Callable[[str, bytes], None]) -> None:
     """paho's PUBLISH handler, for the common packet only: MQTT 5, QoS 0 or 1, a UTF-8 topic
     and no properties. paho builds a Properties object, an MQTTMessage, a log line and
@@ -166,20 +178,14 @@ def _publish_fast_path(paho: paho_mqtt.Client, recv: _BufferedReceive,
     def handle_publish() -> paho_mqtt.MQTTErrorCode:
         packet = paho._in_packet
         header, data = packet["command"], packet["packet"]
-        qos = (header & 0x06) >> 1
-        if qos > 1 or paho._protocol != paho_mqtt.MQTTv5 or len(data) < 3:
-            return full()
-        end = 2 + ((data[0] << 8) | data[1])
-        pos = end + 2 if qos else end
-        if pos >= len(data) or data[pos] != 0 or end == 2:
-            return full()  # properties (or a topic alias), or too short: paho decides
-        try:
-            topic = data[2:end].decode("utf-8")
-        except UnicodeDecodeError:
-            return full()
-        on_publish(topic, bytes(data[pos + 1:]))
+        plain = (_plain_publish(header, data, 0, len(data))
+                 if paho._protocol == paho_mqtt.MQTTv5 else None)
+        if plain is None:
+            return full()  # properties (or a topic alias), QoS 2, malformed: paho decides
+        topic, payload, qos, mid = plain
+        on_publish(topic, payload)
         if qos == 1 and not paho._manual_ack:
-            return paho._send_puback((data[end] << 8) | data[end + 1])
+            return paho._send_puback(mid)
         return paho_mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     paho._handle_publish = handle_publish  # type: ignore[method-assign]
@@ -200,7 +206,7 @@ def fast_publish_reading(client: aiomqtt.Client, on_publish: Callable[[str, byte
     paho = paho_of(client)  # aiomqtt exposes no hook for any of this
     recv = _BufferedReceive(paho)
     paho._sock_recv = recv  # type: ignore[method-assign]
-    _publish_fast_path(paho, recv, on_publish)
+    _publish_fast_path(paho, on_publish)
     one_packet = paho.loop_read
     scheduled = False
 
