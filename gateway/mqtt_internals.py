@@ -149,8 +149,8 @@ class _BufferedReceive:
 def _plain_publish(header: int, data: bytes | bytearray, start: int, end: int
                    ) -> tuple[str, bytes, int, int] | None:
     """A plain PUBLISH's variable header and payload, `data[start:end]` (MQTT 5 §3.3): QoS 0
-    or 1, a non-empty UTF-8 topic, no properties. (topic, payload, qos, packet id), or None
-    for anything else, which paho then reads its own way."""
+    or 1, a non-empty UTF-8 topic without wildcards, no properties. (topic, payload, qos,
+    packet id), or None for anything else, which paho then reads its own way."""
     qos = (header & 0x06) >> 1
     if qos > 1 or end - start < 3:
         return None
@@ -162,6 +162,8 @@ def _plain_publish(header: int, data: bytes | bytearray, start: int, end: int
         topic = data[start + 2:topic_end].decode("utf-8")
     except UnicodeDecodeError:
         return None
+    if "+" in topic or "#" in topic:
+        return None  # a wildcard in a PUBLISH breaks MQTT 5 §4.7.1; paho's way drops it
     mid = (data[topic_end] << 8) | data[topic_end + 1] if qos else 0
     return topic, bytes(data[props + 1:end]), qos, mid
 

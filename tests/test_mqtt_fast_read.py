@@ -121,7 +121,8 @@ class _Endpoint:
 
 topics = st.one_of(
     st.sampled_from([b"boots/v1/c1/b1/telemetry", b"boots/v1/c-2/dev_9/state", b"a",
-                     "boots/v1/cl\u00e9/b/event".encode(), b"\xff\xfe/bad", b"t/\x00/nul"]),
+                     "boots/v1/cl\u00e9/b/event".encode(), b"\xff\xfe/bad", b"t/\x00/nul",
+                     b"boots/v1/+/b1/telemetry", b"a/#", "+\u0080".encode()]),
     st.binary(min_size=1, max_size=40),
 )
 packets = st.builds(
