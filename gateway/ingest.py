@@ -48,6 +48,9 @@ _SESSION_END = {
     EventKind.VENTED: SessionOutcome.VENTED,
 }
 
+# A channel's name by member: an enum's `.value` is a property lookup, on every message.
+_CHANNEL_NAMES = {channel: channel.value for channel in Channel}
+
 
 class Ingest:
     """The broker's messages, one at a time, into fleet state and watchdog decisions."""
@@ -92,7 +95,7 @@ class Ingest:
         except PayloadError as exc:
             self._reject(addr, exc.kind, str(exc))
             return
-        self.stats.messages[addr.channel.value] += 1
+        self.stats.messages[_CHANNEL_NAMES[addr.channel]] += 1
         if isinstance(msg, Telemetry):
             self._on_telemetry(addr, msg)
         elif isinstance(msg, BootState):
@@ -111,7 +114,7 @@ class Ingest:
             rejected_total=self.stats.rejected[kind], **fields,
         )
         if addr is not None:
-            boot = self.fleet.get(addr.clinic, addr.device)
+            boot = self.fleet.boots.get(addr.key)
             if boot is not None:
                 boot.faults += 1
             if self._fault_points.take():
@@ -161,7 +164,7 @@ class Ingest:
         log.info("boot removed (retained state cleared)", extra={"device": addr.key})
 
     def _on_telemetry(self, addr: TopicAddress, sample: Telemetry) -> None:
-        boot = self.fleet.get(addr.clinic, addr.device)
+        boot = self.fleet.boots.get(addr.key)
         if boot is None:
             # Stored (the data is real) but not watched: we do not know its limits yet.
             self.stats.rejected["unknown_boot_telemetry"] += 1
@@ -190,7 +193,7 @@ class Ingest:
         self.recorder.telemetry(addr, sample, targets)
 
     def _on_event(self, addr: TopicAddress, event: BootEvent) -> None:
-        boot = self.fleet.get(addr.clinic, addr.device)
+        boot = self.fleet.boots.get(addr.key)
         self.recorder.boot_event(addr, event)
         if event.kind in _SESSION_END and event.session_id is not None:
             # after a restart the broker's queued events may come before the retained state
@@ -231,7 +234,7 @@ class Ingest:
                 return
             self._reject(addr, "unknown_ack", f"ack for unknown command {ack.cmd_id}")
             return
-        boot = self.fleet.get(addr.clinic, addr.device)
+        boot = self.fleet.boots.get(addr.key)
         self.recorder.command(tracked)
         cmd = tracked.command
         if boot is None or cmd.kind is not CommandKind.START or cmd.session_id is None:

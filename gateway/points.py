@@ -91,6 +91,10 @@ def _telemetry_head(clinic: str, device: str, phase: str) -> str:
 
 
 _PRESSURE_KEYS = tuple(f"p{i}=" for i in range(1, MAX_CHAMBERS + 1))
+# The whole line of a sample with n finite readings and no session: head, p1..pn, max_p, seq,
+# time. %r of a float is its repr, as Point.encode writes it.
+_PLAIN_LINE = {n: "%s " + "".join(f"{key}%r," for key in _PRESSURE_KEYS[:n])
+               + "max_p=%r,seq=%di %d" for n in range(1, MAX_CHAMBERS + 1)}
 TELEMETRY_PRIORITY = make_point(Measurement.TELEMETRY, {}, {}, 0).priority
 
 
@@ -103,6 +107,13 @@ def telemetry_line(addr: TopicAddress, sample: Telemetry,
     with its reason, by the writer.
     """
     pressures = sample.pressures
+    head = _telemetry_head(addr.clinic, addr.device, sample.phase)
+    time_us = telemetry_time_us(sample)
+    if (math.isfinite(sum(pressures)) and sample.session_id is None
+            and sample.session_elapsed_s is None and not targets):
+        # every reading finite, out of session (the stream's common sample): one format
+        return (_PLAIN_LINE[len(pressures)] % (
+            head, *map(float, pressures), float(max(pressures)), sample.seq, time_us)).encode()
     if math.isfinite(sum(pressures)):  # every reading finite (else the long way)
         parts = [key + repr(float(p)) for key, p in zip(_PRESSURE_KEYS, pressures, strict=False)]
         parts.append(f"max_p={float(max(pressures))!r}")
@@ -127,8 +138,7 @@ def telemetry_line(addr: TopicAddress, sample: Telemetry,
         if not math.isfinite(target):
             return None
         parts.append(f"target_p{i}={float(target)!r}")
-    head = _telemetry_head(addr.clinic, addr.device, sample.phase)
-    return f"{head} {','.join(parts)} {telemetry_time_us(sample)}".encode()
+    return f"{head} {','.join(parts)} {time_us}".encode()
 
 
 def safety_event(boot: Boot, action: SafetyAction, session_id: str | None, time_us: int) -> Point:

@@ -187,27 +187,37 @@ class InfluxWriter:
         self.submit_line(line, priority=point.priority)  # set by the schema (gateway/schema.py)
 
     def submit_line(self, line: bytes, *, priority: bool) -> None:
-        """Queue one encoded point (the telemetry path builds its line without a Point)."""
-        cap = self.settings.queue_max_points
-        if self.queue_depth >= cap and self._spool_usable():
+        """Queue one encoded point (the telemetry path builds its line without a Point).
+
+        Every sample of every boot comes through here: the common case (room in memory) is
+        kept to a few operations."""
+        buf = self._buf
+        if buf.memory_depth >= self.settings.queue_max_points and not self._make_room(priority):
+            return
+        buf.add(line, priority=priority)
+        stats = self.stats
+        stats.points_queued += 1
+        depth = buf.memory_depth
+        if depth > stats.queue_peak:
+            stats.queue_peak = depth
+        self._idle.clear()
+        if depth >= self.settings.batch_size and (not self._outage or self._spool_usable()):
+            self._wake.set()
+
+    def _make_room(self, priority: bool) -> bool:
+        """Memory is full: whether the point may still be queued."""
+        if self._spool_usable():
             # InfluxDB is slower than ingest: the oldest points move to disk.
             self._spill(*self._buf.take(self.settings.batch_size))
-        if self.queue_depth >= cap:
+        if self.queue_depth >= self.settings.queue_max_points:
             # Nowhere to keep more: a safety record takes the place of the oldest telemetry
             # point; otherwise the newest point is dropped. Either way counted.
             if not (priority and self._buf.has_telemetry):
                 self._drop(1)
-                return
+                return False
             self._buf.evict_telemetry()
             self._drop(1)
-        self._buf.add(line, priority=priority)
-        self.stats.points_queued += 1
-        depth = self.queue_depth
-        if depth > self.stats.queue_peak:
-            self.stats.queue_peak = depth
-        self._idle.clear()
-        if depth >= self.settings.batch_size and (not self._outage or self._spool_usable()):
-            self._wake.set()
+        return True
 
     def _drop(self, n: int) -> None:
         s = self.stats

@@ -574,6 +574,13 @@ def test_readings_exactly_at_the_plausible_bounds_are_plausible() -> None:
     assert [(a.rule, a.fault) for a in actions] == [(Rule.HARD_CEILING, False)]
 
 
+@pytest.mark.parametrize("bound", [-10.0, 250.0])
+def test_a_reading_at_a_bound_beside_a_bad_one_is_not_the_one_named(bound: float) -> None:
+    """The chamber named is the implausible one, not a neighbour exactly at a bound."""
+    actions = Feed(Watchdog(LIMITS), watch())([bound, math.nan, 0, 0])
+    assert [(a.rule, a.chamber) for a in actions] == [(Rule.IMPLAUSIBLE_DATA, 2)]
+
+
 @pytest.mark.parametrize(("reading", "value", "limit"), [
     (-10.1, -10.1, -10.0),
     (250.1, 250.1, 250.0),
