@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -199,5 +200,32 @@ async def test_a_vent_ends_the_read_burst_so_its_write_comes_next() -> None:
         assert received_unread(fast.client)  # the rest waits for the next turn
         await fast.feed(b"")
         assert [p for _, p in fast.delivered] == [b"%d" % i for i in range(300)]
+    finally:
+        await fast.close()
+
+
+async def test_a_bursts_pubacks_go_out_as_one_write_after_what_the_handler_sent() -> None:
+    """QoS 1: one queued packet (one `send`) for a burst's PUBACKs, not one each; a message
+    the handler publishes in the burst (a vent) is queued before them, so it is written
+    first."""
+    vent = b"\x30\x06\x00\x04vent"  # a QoS 0 PUBLISH of "vent", empty payload, as bytes
+
+    def after_each() -> None:
+        if len(fast.delivered) == 3:
+            paho = fast.paho
+            paho._packet_queue(paho_mqtt.PUBLISH, vent, 9, 1)  # (as QoS 1: no callback)
+
+    fast = _Endpoint(True, after_each)
+    try:
+        fast.broker.sendall(b"".join(publish(b"t/x", b"%d" % i, qos=1, mid=i + 1)
+                                     for i in range(50)))
+        fast.paho.loop_read()
+        assert len(fast.delivered) == 50
+        queued = [p["packet"] for p in fast.paho._out_packet]
+        acks = b"".join(b"\x40\x02" + (i + 1).to_bytes(2, "big") for i in range(50))
+        assert queued == [vent, acks]
+        fast.paho.loop_write()
+        fast.broker.setblocking(False)
+        assert fast.broker.recv(1 << 16) == vent + acks
     finally:
         await fast.close()

@@ -59,8 +59,13 @@ async def test_paho_reads_and_handles_publish_through_the_attributes_fast_readin
     assert {"command", "packet"} <= set(paho._in_packet)
     for name in ("_sock", "_protocol", "_manual_ack", "_msgtime_mutex", "_last_bytes_received"):
         assert hasattr(paho, name), name
-    assert callable(paho._send_puback) and callable(paho._sock_recv)
+    assert callable(paho._sock_recv)
     assert callable(paho._loop_rc_handle) and callable(paho_mqtt.time_func)
+    # a burst's PUBACKs are queued as one out packet, which paho writes as it writes one
+    assert list(inspect.signature(paho._packet_queue).parameters)[:4] == [
+        "command", "packet", "mid", "qos"]
+    write = inspect.getsource(paho_mqtt.Client._packet_write)
+    assert "packet['packet'][packet['pos']:]" in write and paho_mqtt.PUBACK == 0x40
     # a packet read directly from the buffer does what paho's read does after each packet
     assert "self._last_bytes_received = time_func()" in read
     assert "_handle_on_message(message)" in inspect.getsource(paho_mqtt.Client._handle_publish)
