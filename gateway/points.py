@@ -109,12 +109,13 @@ def telemetry_line(addr: TopicAddress, sample: Telemetry,
     pressures = sample.pressures
     head = _telemetry_head(addr.clinic, addr.device, sample.phase)
     time_us = telemetry_time_us(sample)
-    if (math.isfinite(sum(pressures)) and sample.session_id is None
-            and sample.session_elapsed_s is None and not targets):
-        # every reading finite, out of session (the stream's common sample): one format
+    all_finite = math.isfinite(sum(pressures))  # every reading finite (else the long way)
+    if (all_finite and sample.session_id is None and sample.session_elapsed_s is None
+            and not targets):
+        # out of session too (the stream's common sample): one format
         return (_PLAIN_LINE[len(pressures)] % (
             head, *map(float, pressures), float(max(pressures)), sample.seq, time_us)).encode()
-    if math.isfinite(sum(pressures)):  # every reading finite (else the long way)
+    if all_finite:
         parts = [key + repr(float(p)) for key, p in zip(_PRESSURE_KEYS, pressures, strict=False)]
         parts.append(f"max_p={float(max(pressures))!r}")
     else:
