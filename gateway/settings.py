@@ -260,7 +260,13 @@ class InfluxSettings(BaseModel):
     batch_size: int = Field(5000, ge=1, le=100_000)
     flush_interval_s: float = Field(1.0, gt=0, le=60)
     queue_max_points: int = Field(
-        500_000, ge=100, description="points held in memory; past it the oldest go to the spool"
+        500_000, ge=100, description="points held in memory while the spool cannot take them "
+        "(none configured, its disk failing); past it the newest telemetry is dropped, counted",
+    )
+    spill_after_points: int = Field(
+        50_000, ge=100, description="points held in memory while the spool can take them; past "
+        "it the oldest batch goes to disk, so an InfluxDB slower than ingest costs disk, not "
+        "memory, and a SIGKILL loses less",
     )
     timeout_s: float = Field(10.0, gt=0)
     retry_min_s: float = Field(0.2, gt=0, description="first retry delay after a failed write")

@@ -22,7 +22,7 @@ A 400 means some points are bad: InfluxDB has written the others (a partial writ
 batch is split in halves until each bad line is alone; it is logged with InfluxDB's reason
 and counted, and everything else is written.
 
-Memory is bounded by `queue_max_points`: past it, the oldest points are spooled at once. On
+Memory is bounded by `spill_after_points`: past it, the oldest points are spooled at once. On
 close (SIGTERM) what is still in memory is written if InfluxDB answers within the close
 timeout, and spooled otherwise; the next start replays it. A SIGKILL loses what was in memory:
 at most the points of the last `flush_interval_s` plus one batch being written.
@@ -67,7 +67,7 @@ _RESTART_DELAY_S = 1.0
 @dataclass
 class WriterStats:
     points_queued: int = 0
-    queue_peak: int = 0  # most points ever held in memory at once (bounded by queue_max_points)
+    queue_peak: int = 0  # most points ever held in memory at once (see spill_after_points)
     points_written: int = 0
     points_dropped_queue_full: int = 0  # memory full and no spool configured
     points_dropped_spool_full: int = 0  # refused by the spool's cap
@@ -108,6 +108,9 @@ class InfluxWriter:
         self.stats = WriterStats()
         self._influx = InfluxClient(settings, client or influx_client(settings), self.stats)
         self._buf = StorageBuffer(settings, self.stats, spool)  # spool opened by start()
+        # Past this depth a point first tries to make room: spill while the spool can take
+        # lines, and past queue_max_points drop (counted) while it cannot.
+        self._room_at = min(settings.spill_after_points, settings.queue_max_points)
         self._in_flight: list[bytes] = []  # lines taken from the queues, not yet written
         self._in_flight_priority = 0  # how many of them, at the front, are safety records
         self._wake = asyncio.Event()
@@ -192,7 +195,7 @@ class InfluxWriter:
         Every sample of every boot comes through here: the common case (room in memory) is
         kept to a few operations."""
         buf = self._buf
-        if buf.memory_depth >= self.settings.queue_max_points and not self._make_room(priority):
+        if buf.memory_depth >= self._room_at and not self._make_room(priority):
             return
         buf.add(line, priority=priority)
         stats = self.stats
@@ -205,9 +208,10 @@ class InfluxWriter:
             self._wake.set()
 
     def _make_room(self, priority: bool) -> bool:
-        """Memory is full: whether the point may still be queued."""
+        """Memory holds spill_after_points or more: whether the point may still be queued."""
         if self._spool_usable():
-            # InfluxDB is slower than ingest: the oldest points move to disk.
+            # InfluxDB is slower than ingest: the oldest points move to disk, so memory (and
+            # the process's RSS, which Python does not give back) stays bounded.
             self._spill(*self._buf.take(self.settings.batch_size))
         if self.queue_depth >= self.settings.queue_max_points:
             # Nowhere to keep more: a safety record takes the place of the oldest telemetry

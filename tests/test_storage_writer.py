@@ -113,3 +113,50 @@ async def test_retryable_answers_spool_the_batch_and_back_off(
         assert again.stats.points_replayed == 1 and again.spool_points == 0
     finally:
         await again.close()
+
+
+@pytest.mark.integration
+async def test_past_spill_after_points_the_oldest_go_to_disk_and_nothing_is_lost(
+    influx: LocalInflux, tmp_path: Path
+) -> None:
+    """InfluxDB slower than ingest (here: not yet asked) costs disk, not memory: memory holds
+    spill_after_points, far below queue_max_points, and every point still arrives."""
+    db = f"spill_{secrets.token_hex(4)}"
+    writer = InfluxWriter(InfluxSettings(
+        url=influx.url, database=db, flush_interval_s=60, batch_size=50,
+        spill_after_points=100, queue_max_points=100_000, spool_dir=tmp_path / "spool"))
+    await writer.ensure_database()
+    writer.start()
+    try:
+        for i in range(1000):  # no await between them: the writer cannot write any yet
+            writer.submit(Point("m", {"boot": "a"}, {"v": float(i)}, 1_000 + i))
+        assert writer.stats.queue_peak == 100
+        assert writer.queue_depth <= 100
+        assert writer.spool_points == 1000 - writer.queue_depth
+        assert await writer.flush(20)
+    finally:
+        await writer.close()
+    assert count(influx, db, "SELECT count(v) FROM m") == 1000
+    assert writer.stats.points_dropped == 0
+    assert writer.stats.points_replayed == writer.stats.points_spooled >= 900
+
+
+@pytest.mark.integration
+async def test_without_a_spool_memory_holds_up_to_queue_max_points(influx: LocalInflux) -> None:
+    """spill_after_points is the bound only while there is a disk to spill to: without one,
+    memory keeps everything up to queue_max_points rather than dropping at the lower bound."""
+    db = f"nospill_{secrets.token_hex(4)}"
+    writer = InfluxWriter(InfluxSettings(
+        url=influx.url, database=db, flush_interval_s=60, batch_size=5000,
+        spill_after_points=100, queue_max_points=1000, spool_dir=None))
+    await writer.ensure_database()
+    writer.start()
+    try:
+        for i in range(1200):
+            writer.submit(Point("m", {"boot": "a"}, {"v": float(i)}, 1_000 + i))
+        assert writer.queue_depth == 1000
+        assert writer.stats.points_dropped_queue_full == 200
+        assert await writer.flush(20)
+    finally:
+        await writer.close()
+    assert count(influx, db, "SELECT count(v) FROM m") == 1000
