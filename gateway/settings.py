@@ -264,9 +264,9 @@ class InfluxSettings(BaseModel):
         "(none configured, its disk failing); past it the newest telemetry is dropped, counted",
     )
     spill_after_points: int = Field(
-        50_000, ge=100, description="points held in memory while the spool can take them; past "
-        "it the oldest batch goes to disk, so an InfluxDB slower than ingest costs disk, not "
-        "memory, and a SIGKILL loses less",
+        20_000, ge=100, description="points held in memory while the spool can take them (at "
+        "least two batches); past it the oldest batch goes to disk, so an InfluxDB slower "
+        "than ingest costs disk, not memory, and a SIGKILL loses less",
     )
     timeout_s: float = Field(10.0, gt=0)
     retry_min_s: float = Field(0.2, gt=0, description="first retry delay after a failed write")

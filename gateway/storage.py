@@ -110,7 +110,8 @@ class InfluxWriter:
         self._buf = StorageBuffer(settings, self.stats, spool)  # spool opened by start()
         # Past this depth a point first tries to make room: spill while the spool can take
         # lines, and past queue_max_points drop (counted) while it cannot.
-        self._room_at = min(settings.spill_after_points, settings.queue_max_points)
+        self._room_at = min(max(settings.spill_after_points, 2 * settings.batch_size),
+                            settings.queue_max_points)
         self._in_flight: list[bytes] = []  # lines taken from the queues, not yet written
         self._in_flight_priority = 0  # how many of them, at the front, are safety records
         self._wake = asyncio.Event()
