@@ -35,7 +35,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 import aiomqtt
 from pydantic import ValidationError
@@ -73,6 +73,7 @@ from gateway.contract import (
     Heartbeat,
     PayloadError,
     Telemetry,
+    clinic_heartbeat_topic,
     decode,
     topic,
 )
@@ -124,8 +125,12 @@ class SimBoot(BootFaults, BootProbes):
         client_id: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        heartbeat: Literal["clinic", "fleet"] = "clinic",
     ) -> None:
-        """self_vent: in a session, vent when no live gateway heartbeat arrived for
+        """heartbeat: which gateway heartbeat the boot times out on (protocol §5.1): its
+        clinic's (revision 2, the default) or the fleet-wide one (revision 1).
+
+        self_vent: in a session, vent when no live gateway heartbeat arrived for
         `heartbeat_timeout_s` (None: derived from the last heartbeat's interval_s, protocol
         §7.2) or when the MQTT connection drops. On by default, as firmware must; switch it off
         for tests that run sessions without a gateway.
@@ -156,6 +161,8 @@ class SimBoot(BootFaults, BootProbes):
             heartbeat_timeout_s=heartbeat_timeout_s, self_vent=self_vent,
         )
         self._topics = {ch: topic(clinic, device, ch) for ch in Channel}
+        self.heartbeat_topic = (clinic_heartbeat_topic(clinic) if heartbeat == "clinic"
+                                else HEARTBEAT_TOPIC)
 
         self._init_faults()  # device_sim/boot_faults.py
 
@@ -335,10 +342,11 @@ class SimBoot(BootFaults, BootProbes):
         costs a Task, which at thousands of boots per process was as much as sending telemetry.
         """
         boot = self
+        heartbeat = self.heartbeat_topic
 
         class HeartbeatFirst(asyncio.Queue[aiomqtt.Message]):
             def put_nowait(self, item: aiomqtt.Message) -> None:
-                if item.topic.value == HEARTBEAT_TOPIC:
+                if item.topic.value == heartbeat:
                     boot.on_heartbeat(item.payload, retained=bool(item.retain))
                 else:
                     super().put_nowait(item)
@@ -377,7 +385,7 @@ class SimBoot(BootFaults, BootProbes):
         try:
             # Protocol §3.1: subscribe first, then announce online (with any running session).
             await client.subscribe(self._topics[Channel.CMD], qos=CHANNEL_QOS[Channel.CMD])
-            await client.subscribe(HEARTBEAT_TOPIC, qos=0)
+            await client.subscribe(self.heartbeat_topic, qos=0)
             await client.publish(
                 self._topics[Channel.STATE], self.state_payload(online=True),
                 qos=CHANNEL_QOS[Channel.STATE], retain=CHANNEL_RETAIN[Channel.STATE],

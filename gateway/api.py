@@ -27,7 +27,7 @@ from gateway.api_users import Authenticator, Principal, Role, RouteRule, RouteTa
 from gateway.audit import AuditAction, AuditEvent, AuditResult
 from gateway.commands import CommandOutcome, TrackedCommand
 from gateway.contract import Alarm, SessionProgram
-from gateway.control import Control, UnknownBoot
+from gateway.control import Control, NotWatchedHere, UnknownBoot
 from gateway.fleet import Boot
 from gateway.mqtt_link import NotConnected
 from gateway.programs import CATALOGUE
@@ -239,6 +239,10 @@ def _boot_or_404(gw: Control, clinic: str, device: str) -> Boot:
         return gw.boot(clinic, device)
     except UnknownBoot as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except NotWatchedHere as exc:
+        # Several gateways: another one watches this clinic (GET /health says which
+        # clinics each one watches).
+        raise HTTPException(status.HTTP_421_MISDIRECTED_REQUEST, str(exc)) from None
 
 
 @router.get("/boots", response_model=list[BootView])
@@ -410,6 +414,10 @@ class Health(BaseModel):
     storage_queue: int
     spool_points: int
     boots: dict[str, int]
+    gateway_id: str = Field(description="this gateway (setting gateway_id)")
+    clinics: list[str] | None = Field(
+        None, description="the clinics this gateway watches when several share the fleet "
+        "(docs/deploy.md §4); null: a single gateway, every clinic")
     storage_fault: bool = Field(False, description="the disk spool cannot be written (full, "
                                 "read-only, I/O errors) or the storage writer is not running: "
                                 "degraded; details in /api/v1/stats and the gateway's alarm")
@@ -508,7 +516,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             else "degraded",
             mqtt_connected=h.mqtt_connected, influx_connected=h.influx_connected,
             storage_queue=h.storage_queue, spool_points=h.spool_points,
-            boots=h.boots, storage_fault=h.storage_fault,
+            boots=h.boots, storage_fault=h.storage_fault, gateway_id=h.gateway_id,
+            clinics=h.clinics,
         )
 
     @app.get("/api/v1/stats", response_model=Stats, tags=["ops"],

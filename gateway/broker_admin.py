@@ -176,8 +176,12 @@ def boot_role_acls(clinic: str, device: str) -> list[dict[str, Any]]:
 
 
 def boot_common_acls() -> list[dict[str, Any]]:
-    """What every boot shares (the group `boots`): reading the gateway heartbeat."""
-    return _read_acls(HEARTBEAT_TOPIC, literal=True)
+    """What every boot shares (the group `boots`): reading the gateway heartbeats, the
+    fleet-wide one and the clinics' (protocol §5.1). Any clinic's: a heartbeat says only
+    which gateway lives, and a shared role reaches boots provisioned before revision 2 at
+    the next `boots add`, which puts this role's ACLs back."""
+    return (_read_acls(HEARTBEAT_TOPIC, literal=True)
+            + _read_acls(f"{HEARTBEAT_TOPIC}/+", literal=False))
 
 
 def gateway_acls() -> list[dict[str, Any]]:

@@ -60,6 +60,14 @@ HEARTBEAT_TOPIC = f"{TOPIC_ROOT}/{RESERVED_CLINIC}/heartbeat"
 ALARM_TOPIC_PREFIX = f"{TOPIC_ROOT}/{RESERVED_CLINIC}/alarm"
 
 
+def clinic_heartbeat_topic(clinic: str) -> str:
+    """The heartbeat of whichever gateway watches this clinic (protocol §5.1, revision 2):
+    the one a boot times out on."""
+    if not is_valid_clinic(clinic):
+        raise ValueError(f"invalid clinic id: {clinic!r}")
+    return f"{HEARTBEAT_TOPIC}/{clinic}"
+
+
 def is_valid_id(value: str) -> bool:
     """fullmatch, not match: Python's `$` also matches before a trailing newline."""
     return _ID_RE.fullmatch(value) is not None

@@ -22,6 +22,7 @@ from gateway.audit import (
     AuditTrail,
     log_audit,
 )
+from gateway.cluster import Cluster
 from gateway.commands import CommandOutcome, TrackedCommand, new_id
 from gateway.contract import CHANNEL_QOS, Alarm, Channel, Command, CommandKind, SessionProgram
 from gateway.contract import topic as cmd_topic
@@ -36,6 +37,10 @@ from gateway.watchdog import Watchdog
 
 # The service's logger: operators filter on it, the messages stay where they were.
 log = logging.getLogger("gateway.service")
+
+
+class NotWatchedHere(LookupError):
+    """The clinic is watched by another gateway (several gateways share the fleet)."""
 
 
 class UnknownBoot(LookupError):
@@ -61,6 +66,8 @@ class HealthView:
     storage_queue: int
     spool_points: int
     boots: dict[str, int]
+    gateway_id: str
+    clinics: list[str] | None  # watched here; None: every clinic (a single gateway)
 
 
 class Control:
@@ -69,8 +76,9 @@ class Control:
     def __init__(self, settings: GatewaySettings, *, fleet: Fleet, watchdog: Watchdog,
                  effects: Effects, sessions: Sessions, recorder: Recorder,
                  snapshot: Callable[[], GatewayStats], clock: Callable[[], float],
-                 monotonic: Callable[[], float]) -> None:
+                 monotonic: Callable[[], float], cluster: Cluster) -> None:
         self.settings = settings
+        self.cluster = cluster
         self.fleet = fleet
         self.watchdog = watchdog
         self.effects = effects
@@ -84,6 +92,9 @@ class Control:
 
     def boot(self, clinic: str, device: str) -> Boot:
         boot = self.fleet.get(clinic, device)
+        if boot is None and not self.cluster.owns(clinic):
+            raise NotWatchedHere(f"clinic {clinic} is not watched by this gateway "
+                                 f"({self.settings.gateway_id}); ask the one that watches it")
         if boot is None:
             raise UnknownBoot(f"no boot {clinic}/{device} has been seen")
         return boot
@@ -118,7 +129,8 @@ class Control:
             influx_connected=writer.stats.connected,
             storage_fault=writer.storage_fault is not None or not writer.task_alive,
             storage_queue=writer.queue_depth, spool_points=writer.spool_points,
-            boots=self.fleet.counts())
+            boots=self.fleet.counts(), gateway_id=self.settings.gateway_id,
+            clinics=sorted(self.cluster.watching) if self.cluster.partitioned else None)
 
     # ------------------------------------------------------------------ sessions
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from gateway.cluster import Cluster
 from gateway.commands import CommandTracker
 from gateway.contract import (
     ALARM_TOPIC_PREFIX,
@@ -48,6 +49,9 @@ _SESSION_END = {
     EventKind.VENTED: SessionOutcome.VENTED,
 }
 
+# The gateways' own topics under `_gateway` (protocol §5): clinic heartbeats and alarms.
+_OWN_PREFIXES = (f"{HEARTBEAT_TOPIC}/", f"{ALARM_TOPIC_PREFIX}/")
+
 # A channel's name by member: an enum's `.value` is a property lookup, on every message.
 _CHANNEL_NAMES = {channel: channel.value for channel in Channel}
 
@@ -58,8 +62,14 @@ class Ingest:
     def __init__(self, settings: GatewaySettings, *, fleet: Fleet, watchdog: Watchdog,
                  stats: IngestStats, effects: Effects, sessions: Sessions, recorder: Recorder,
                  reject_log: RateLimitedLog, clock: Callable[[], float],
-                 monotonic: Callable[[], float]) -> None:
+                 monotonic: Callable[[], float], cluster: Cluster | None = None) -> None:
         self.settings = settings
+        self.cluster = cluster
+        # The clinics this gateway watches, when several gateways share them (the cluster's
+        # own set, changed in place); None: every clinic is this gateway's.
+        self._watching = cluster.watching if cluster is not None and cluster.partitioned \
+            else None
+        self.not_watched = 0  # messages of clinics another gateway watches (states)
         self.fleet = fleet
         self.watchdog = watchdog
         self.stats = stats
@@ -81,12 +91,21 @@ class Ingest:
         try:
             addr = parse_topic(name)
         except TopicError as exc:
-            if name == HEARTBEAT_TOPIC or name.startswith(f"{ALARM_TOPIC_PREFIX}/"):
-                return  # our own
+            if name == HEARTBEAT_TOPIC or name.startswith(_OWN_PREFIXES):
+                # Ours or another gateway's (a clinic heartbeat of a clinic named `state`
+                # matches the state filter).
+                return
             self._reject(None, "bad_topic", str(exc), topic=name[:200])
             return
         if addr.channel is Channel.CMD:
             return  # another gateway's command; not ours to act on
+        watching = self._watching
+        if watching is not None and addr.clinic not in watching:
+            # Another gateway's clinic (every gateway reads every state, to find clinics).
+            self.not_watched += 1
+            assert self.cluster is not None
+            self.cluster.seen(addr.clinic)
+            return
         if addr.channel is Channel.STATE and not payload:
             self._forget(addr)  # retained state cleared: the boot was taken out of service
             return

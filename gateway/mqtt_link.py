@@ -2,6 +2,11 @@
 
 Incoming messages are handed to a synchronous callback in arrival order; it must not block.
 Publishing never waits on the receive loop, so a vent goes out while messages keep flowing.
+
+Subscriptions are the fixed ones given at construction plus the ones `follow` adds while
+the gateway watches a clinic (several gateways, gateway/cluster.py); both are made again at
+every reconnect. Every publish passes the `fence` first: a gateway may not speak for a clinic
+it does not watch at this moment (it lost the clinic to another gateway, or its lease).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from gateway.settings import MqttSettings
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+Fence = Callable[[str], bool]  # topic -> may this gateway publish it now
 # Nagle's algorithm would hold a small vent packet back until the previous one is acked.
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
@@ -42,6 +48,10 @@ OUTGOING_CALLS = 16
 
 class NotConnected(RuntimeError):
     """No broker to take the message: not connected, or no PUBACK in time."""
+
+
+class Fenced(NotConnected):
+    """The fence refused the message: the clinic is not this gateway's to speak for now."""
 
 
 def _connect_properties(session_expiry_s: int) -> Properties:
@@ -58,9 +68,13 @@ class MqttLink:
         subscriptions: list[tuple[str, SubscribeOptions]],
         on_message: MessageHandler,
         on_connect: Callable[[], None] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.settings = settings
         self._subscriptions = subscriptions
+        self._followed: dict[str, SubscribeOptions] = {}  # added by follow(), in order
+        self.fence = fence
+        self.fenced = 0  # publishes the fence refused
         self._on_message = on_message
         self._on_connect = on_connect
         self._client: aiomqtt.Client | None = None
@@ -115,7 +129,7 @@ class MqttLink:
                     # they call for must go out now, not at rule 8's re-send after the ack
                     # timeout (tests/test_restart.py caught a lost vent in CI).
                     self._client = client
-                    for topic, options in self._subscriptions:
+                    for topic, options in [*self._subscriptions, *self._followed.items()]:
                         granted = await client.subscribe(topic, options=options)
                         if any(subscription_refused(rc) for rc in granted):
                             # A gateway that cannot read its boots must not go on sending
@@ -148,6 +162,49 @@ class MqttLink:
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(s.reconnect_max_s, backoff * 2)
 
+    async def follow(self, topics: list[str], options: SubscribeOptions, *,
+                     keep: bool = True) -> None:
+        """Subscribe to more topics, now if connected and (keep) at every reconnect. A topic
+        subscribed again has its retained messages sent again: keep=False for that alone."""
+        if keep:
+            for t in topics:
+                self._followed[t] = options
+        client = self._client
+        if client is None:
+            return  # the next connect subscribes
+        for t in topics:
+            try:
+                granted = await client.subscribe(t, options=options)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt subscribe failed; retried at the reconnect", extra={
+                    "topic": t, "error": str(exc)})
+                return
+            if any(subscription_refused(rc) for rc in granted):
+                log.error("mqtt subscription refused by the broker's ACL", extra={
+                    "topic": t, "reason": [str(rc) for rc in granted]})
+
+    async def unfollow(self, topics: list[str]) -> None:
+        """Stop following topics (the broker stops sending them)."""
+        for t in topics:
+            self._followed.pop(t, None)
+        client = self._client
+        if client is None:
+            return
+        for t in topics:
+            try:
+                await client.unsubscribe(t)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt unsubscribe failed", extra={"topic": t, "error": str(exc)})
+
+    @property
+    def followed(self) -> list[str]:
+        return list(self._followed)
+
+    def _check_fence(self, topic: str) -> None:
+        if self.fence is not None and not self.fence(topic):
+            self.fenced += 1
+            raise Fenced(f"{topic}: not this gateway's clinic now")
+
     def _dispatch_message(self, message: aiomqtt.Message) -> None:
         self._dispatch(message.topic.value, message.payload)
 
@@ -167,6 +224,7 @@ class MqttLink:
         self, topic: str, payload: bytes, qos: int, retain: bool = False,
         expiry_s: float | None = None,
     ) -> None:
+        self._check_fence(topic)
         client = self._client
         if client is None:
             raise NotConnected("not connected to the broker")
@@ -188,6 +246,7 @@ class MqttLink:
         loop turn, and each turn may first handle a batch of incoming messages. Here the
         bytes leave ahead of all that. The PUBACK is not awaited (the boot's ack is).
         """
+        self._check_fence(topic)
         client = self._client
         if client is None:
             raise NotConnected("not connected to the broker")

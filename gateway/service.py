@@ -20,6 +20,7 @@ every part.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,8 +29,9 @@ from gateway.aio import cancel_and_wait
 from gateway.alarms import AlarmBook
 from gateway.audit import AuditEvent, AuditTrail
 from gateway.broker_admin import gateway_subscriptions
+from gateway.cluster import STATE_TOPIC, Cluster
 from gateway.commands import CommandTracker, TrackedCommand
-from gateway.contract import HEARTBEAT_TOPIC, Alarm, Heartbeat, SessionProgram
+from gateway.contract import Alarm, Heartbeat, SessionProgram
 from gateway.control import Control, StartResult, UnknownBoot
 from gateway.effects import Effects
 from gateway.fleet import Boot, Fleet, SessionOutcome
@@ -74,13 +76,19 @@ class Gateway:
         self.stats = IngestStats()
         self.recorder = Recorder(InfluxWriter(settings.influx), clock)
         self.gc_pauses = GcPauses()  # filled once the process tunes its collector (__main__)
+        self.journal = SessionJournal(settings.session_journal)
+        # Which clinics are this gateway's: all of them, unless several gateways share them.
+        self.cluster = Cluster(settings, self.fleet, self.journal)
         link = MqttLink(
             settings.mqtt,
-            # What the broker lets the gateway read (gateway/broker_admin.py), no more.
-            [(t, subscribe_options(1)) for t in gateway_subscriptions()],
+            # What the broker lets the gateway read (gateway/broker_admin.py), no more; with
+            # several gateways the states only, and each watched clinic's topics as it comes.
+            [(t, subscribe_options(1)) for t in
+             ([STATE_TOPIC] if self.cluster.partitioned else gateway_subscriptions())],
             self.handle_message,
+            fence=self.cluster.may_publish,
         )
-        self.journal = SessionJournal(settings.session_journal)
+        self.cluster.link = link
         self.alarms = AlarmBook()
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
         self.effects = Effects(settings, link=link, fleet=self.fleet, alarms=self.alarms,
@@ -93,11 +101,11 @@ class Gateway:
         self.ingest = Ingest(settings, fleet=self.fleet, watchdog=self.watchdog,
                              stats=self.stats, effects=self.effects, sessions=self.sessions,
                              recorder=self.recorder, reject_log=self._reject_log, clock=clock,
-                             monotonic=monotonic)
+                             monotonic=monotonic, cluster=self.cluster)
         self.control = Control(settings, fleet=self.fleet, watchdog=self.watchdog,
                                effects=self.effects, sessions=self.sessions,
                                recorder=self.recorder, snapshot=self.snapshot, clock=clock,
-                               monotonic=monotonic)
+                               monotonic=monotonic, cluster=self.cluster)
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ the parts' objects
@@ -109,6 +117,7 @@ class Gateway:
     @link.setter
     def link(self, link: MqttLink) -> None:
         self.effects.link = link
+        self.cluster.link = link
 
     @property
     def writer(self) -> InfluxWriter:
@@ -142,6 +151,7 @@ class Gateway:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._prepare_storage(), name="storage-setup"),
             asyncio.create_task(self._report_health(), name="health"),
+            asyncio.create_task(self.cluster.run(), name="cluster"),
         ]
         try:
             await self.link.connected.wait()
@@ -149,6 +159,9 @@ class Gateway:
             self.ready.set()
             await asyncio.gather(*tasks)
         finally:
+            # Hand the clinics over first: the other gateways take them while this one
+            # writes out what storage holds.
+            await self.cluster.stop()
             await cancel_and_wait(tasks)
             self.commands.close()
             self.journal.close()
@@ -218,9 +231,16 @@ class Gateway:
         while True:
             await self.link.connected.wait()
             hb = Heartbeat(ts=self.clock(), gateway_id=self.settings.gateway_id,
-                           interval_s=interval)
-            self.link.publish_nowait(HEARTBEAT_TOPIC, hb.to_payload(), qos=0, retain=True)
-            await asyncio.sleep(interval)
+                           interval_s=interval).to_payload()
+            # The fleet-wide one (protocol revision 1) and one per clinic this gateway may
+            # act for now (revision 2): a boot times out on its clinic's.
+            for t in self.cluster.heartbeat_topics():
+                self.link.publish_nowait(t, hb, qos=0, retain=True)
+            due = self.cluster.heartbeat_due
+            due.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await due.wait()  # a clinic taken over: its heartbeat at once
 
     def snapshot(self) -> GatewayStats:
         """Every counter and gauge at this moment: what gateway_health and /api/v1/stats

@@ -500,6 +500,62 @@ class BrokerAdminSettings(BaseModel):
         return self
 
 
+class CoordinationSettings(BaseModel):
+    """Several gateways sharing the clinics through etcd (docs/deploy.md §4). No endpoints:
+    this gateway is the only one and watches every clinic, as a single gateway always has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    etcd_endpoints: list[str] = Field(
+        default_factory=list, description="client URLs of every etcd member (http(s)://host:"
+        "port); the gateway moves to the next one when one does not answer. Plain http:// "
+        "to a host that is not loopback is refused unless allow_plaintext",
+    )
+    prefix: str = Field(
+        "/boot-gateway", pattern=r"^/[A-Za-z0-9_./-]{1,100}$", description="the etcd keys "
+        "of this fleet's gateways live under it: members/, owners/, clinics/",
+    )
+    lease_ttl_s: int = Field(
+        2, ge=2, le=10, description="the TTL of this gateway's etcd lease: a dead gateway's "
+        "clinics are free this long (plus up to 0.5 s of etcd's expiry check) after its last "
+        "keep-alive. Well inside the boots' heartbeat timeout (3 x heartbeat_interval_s)",
+    )
+    lease_margin_s: float = Field(
+        0.25, ge=0.05, le=5, description="the gateway stops acting for its clinics this long "
+        "before its lease could run out in etcd, for clock rates that differ",
+    )
+    request_timeout_s: float = Field(
+        0.5, gt=0, le=10, description="one etcd request's timeout, per endpoint: a member that "
+        "hangs must not hold the keep-alive past the lease",
+    )
+    allow_plaintext: bool = Field(
+        False, description="permit http:// to an etcd that is not on loopback (anyone on the "
+        "path could take clinics over); for a trusted network only",
+    )
+
+    @model_validator(mode="after")
+    def _secure_link(self) -> CoordinationSettings:
+        for url in self.etcd_endpoints:
+            scheme, _, rest = url.partition("://")
+            host = urlsplit(url).hostname if rest else None
+            if scheme.lower() not in ("http", "https") or not host:
+                raise ValueError(f"coordination.etcd_endpoints: {redact(url)!r} is not an "
+                                 "http(s):// URL")
+            if scheme.lower() == "http" and not self.allow_plaintext \
+                    and not is_loopback_host(host):
+                raise ValueError(
+                    f"coordination.etcd_endpoints: {redact(url)!r} is plain http to a host that "
+                    "is not loopback: use https:// or, on a trusted network only, "
+                    "coordination.allow_plaintext=true")
+        if self.lease_margin_s >= self.lease_ttl_s / 2:
+            raise ValueError("coordination.lease_margin_s must be under half of lease_ttl_s")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd_endpoints)
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore",
@@ -515,6 +571,7 @@ class GatewaySettings(BaseSettings):
     programs: ProgramLimits = ProgramLimits()
     api: ApiSettings = ApiSettings()
     broker_admin: BrokerAdminSettings = BrokerAdminSettings()
+    coordination: CoordinationSettings = CoordinationSettings()
     max_payload_bytes: int = Field(16_384, ge=256, le=1_048_576)
     command_ack_timeout_s: float = Field(
         5.0, gt=0, le=120, description="how long a boot has to ack a stop or vent; a start has "
@@ -533,6 +590,11 @@ class GatewaySettings(BaseSettings):
         "long to send the terminal event before the session is recorded 'lost'",
     )
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
+    heartbeat_fleet_topic: bool = Field(
+        True, description="also publish the fleet-wide heartbeat (boots/v1/_gateway/heartbeat)"
+        " that boots of protocol revision 1 time out on; with several gateways such a boot "
+        "vents itself only when every gateway is gone, not when its clinic's owner is",
+    )
     health_interval_s: float = Field(
         10.0, gt=0, le=3600,
         description="how often the gateway writes and logs its own health (gateway_health)",

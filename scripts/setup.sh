@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Prepare a fresh Debian machine: Mosquitto and InfluxDB packages when missing, and .venv.
+# Prepare a fresh Debian machine: Mosquitto, InfluxDB and etcd packages when missing, and .venv.
+# (etcd is for the tests and benches of several gateways sharing a fleet; one gateway, as in
+# the demo, needs none.)
 # Sourced by run-demo.sh and test.sh; safe to run again (it only installs what is missing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 missing=()
-for pair in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb; do
+for pair in mosquitto:mosquitto mosquitto_sub:mosquitto-clients influxd:influxdb etcd:etcd-server; do
   bin=${pair%%:*} pkg=${pair##*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || [ -x "/usr/bin/$bin" ] \
     || missing+=("$pkg")

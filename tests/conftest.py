@@ -7,9 +7,11 @@ the servers cannot see each other's data.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from device_sim.local_etcd import LocalEtcdCluster
 from device_sim.local_stack import LocalInflux, LocalMosquitto, free_port
 from tests.helpers import RunningGateway, gateway_settings, running_gateway
 
@@ -43,3 +45,11 @@ def own_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInflux
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[LocalEtcdCluster]:
+    """A fresh 3-member etcd cluster: tests kill and restart its members."""
+    cluster = LocalEtcdCluster(tmp_path / "etcd").start()
+    yield cluster
+    cluster.stop()

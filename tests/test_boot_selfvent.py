@@ -38,6 +38,7 @@ from gateway.contract import (
     ProgramTiming,
     SessionProgram,
     Telemetry,
+    clinic_heartbeat_topic,
     decode,
     parse_topic,
     topic,
@@ -89,8 +90,10 @@ class Received:
 class FakeGateway:
     """Stand-in for the gateway: sends heartbeats and commands, records events, acks, telemetry."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, clinic: str) -> None:
         self.client = client
+        # The heartbeat a boot of protocol revision 2 times out on: its clinic's (§5.1).
+        self.heartbeat_topic = clinic_heartbeat_topic(clinic)
         self.received: list[Received] = []
         self.last_heartbeat_sent: float | None = None
         self._changed = asyncio.Event()
@@ -110,12 +113,16 @@ class FakeGateway:
         for channel in (Channel.EVENT, Channel.ACK, Channel.TELEMETRY):
             await self.client.subscribe(topic(clinic, device, channel), qos=1)
 
-    def start_heartbeats(self, interval_s: float = HB_INTERVAL_S) -> None:
+    def start_heartbeats(self, interval_s: float = HB_INTERVAL_S, *,
+                         topic_: str | None = None) -> None:
+        """topic_: where to beat (default the clinic's; HEARTBEAT_TOPIC: the fleet-wide one)."""
+        where = topic_ or self.heartbeat_topic
+
         async def beat() -> None:
             loop = asyncio.get_running_loop()
             while True:
                 hb = Heartbeat(ts=time.time(), gateway_id="fake-gw", interval_s=interval_s)
-                await self.client.publish(HEARTBEAT_TOPIC, hb.to_payload(), qos=0, retain=True)
+                await self.client.publish(where, hb.to_payload(), qos=0, retain=True)
                 self.last_heartbeat_sent = loop.time()
                 await asyncio.sleep(interval_s)  # pacing, not synchronisation
 
@@ -172,7 +179,7 @@ async def fake_gateway(mosquitto: LocalMosquitto, clinic: str, devices: list[str
     async with aiomqtt.Client("127.0.0.1", mosquitto.port,
                               identifier=f"fake-gw-{secrets.token_hex(4)}",
                               protocol=aiomqtt.ProtocolVersion.V5) as client:
-        gw = FakeGateway(client)
+        gw = FakeGateway(client, clinic)
         for device in devices:
             await gw.watch(clinic, device)
         reader = asyncio.create_task(gw.read())
@@ -186,6 +193,7 @@ async def fake_gateway(mosquitto: LocalMosquitto, clinic: str, devices: list[str
                 await reader
             # Leave no retained heartbeat behind for later tests' boots.
             await client.publish(HEARTBEAT_TOPIC, b"", qos=1, retain=True)
+            await client.publish(gw.heartbeat_topic, b"", qos=1, retain=True)
 
 
 async def read_retained_state(mosquitto: LocalMosquitto, boot: SimBoot) -> BootState:
@@ -256,6 +264,36 @@ async def test_boot_in_session_vents_itself_when_heartbeats_stop(
         assert not busy.in_session and busy.self_vents == 1
 
 
+async def test_the_fleet_wide_heartbeat_keeps_only_a_revision_1_boot_in_session(
+    mosquitto: LocalMosquitto,
+) -> None:
+    """Protocol §5.1, revision 2: a boot times out on its clinic's heartbeat. Several
+    gateways all send the fleet-wide one, which says some gateway lives, not that one
+    watches this clinic; a revision-1 boot still counts it (§1, what it sees)."""
+    clinic = new_clinic()
+    async with (
+        fake_gateway(mosquitto, clinic, ["rev2", "rev1"]) as gw,
+        SimFleet([(clinic, "rev2")], mqtt(mosquitto), telemetry_period_s=PERIOD_S,
+                 heartbeat_timeout_s=HB_TIMEOUT_S, seed=4) as rev2_fleet,
+        SimFleet([(clinic, "rev1")], mqtt(mosquitto), telemetry_period_s=PERIOD_S,
+                 heartbeat_timeout_s=HB_TIMEOUT_S, seed=5, heartbeat="fleet") as rev1_fleet,
+    ):
+        rev2, rev1 = rev2_fleet.boots[f"{clinic}/rev2"], rev1_fleet.boots[f"{clinic}/rev1"]
+        assert rev2.heartbeat_topic == clinic_heartbeat_topic(clinic)
+        assert rev1.heartbeat_topic == HEARTBEAT_TOPIC
+        gw.start_heartbeats(topic_=HEARTBEAT_TOPIC)  # nobody beats for the clinic
+        await rev1.wait_until(lambda: rev1.heartbeats_received >= 2, timeout=5)
+        for boot, sid in ((rev2, "s-rev2"), (rev1, "s-rev1")):
+            start = command(CommandKind.START, sid, program(duration_s=60.0))
+            await gw.send(boot, start)
+            await gw.wait_ack(boot, start.cmd_id, AckStatus.ACCEPTED)
+        vented = await gw.wait_event(rev2, EventKind.VENTED, timeout=HB_TIMEOUT_S + 3)
+        assert vented.event().detail == SELF_VENT_HEARTBEAT
+        assert rev2.heartbeats_received == 0
+        # The revision-1 boot rode the same seconds on the fleet-wide heartbeat.
+        assert rev1.in_session and rev1.self_vents == 0
+
+
 async def test_boot_with_live_heartbeats_completes_without_self_vent(
     mosquitto: LocalMosquitto,
 ) -> None:
@@ -281,7 +319,7 @@ async def test_retained_heartbeat_is_not_proof_of_life(mosquitto: LocalMosquitto
     clinic = new_clinic()
     async with fake_gateway(mosquitto, clinic, ["b1"]) as gw:
         stale = Heartbeat(ts=time.time() - 3600, gateway_id="dead-gw", interval_s=0.3)
-        await gw.client.publish(HEARTBEAT_TOPIC, stale.to_payload(), qos=1, retain=True)
+        await gw.client.publish(gw.heartbeat_topic, stale.to_payload(), qos=1, retain=True)
         async with SimFleet([(clinic, "b1")], mqtt(mosquitto), telemetry_period_s=PERIOD_S,
                             heartbeat_timeout_s=HB_TIMEOUT_S, seed=3) as fleet:
             boot = fleet.boots[f"{clinic}/b1"]

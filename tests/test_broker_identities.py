@@ -37,7 +37,14 @@ from gateway import provision
 from gateway.aio import cancel_and_wait
 from gateway.boot_credentials import BootCredentials, load_credentials
 from gateway.broker_admin import BrokerAdmin, BrokerAdminError
-from gateway.contract import HEARTBEAT_TOPIC, BootState, Channel, CommandKind, topic
+from gateway.contract import (
+    HEARTBEAT_TOPIC,
+    BootState,
+    Channel,
+    CommandKind,
+    clinic_heartbeat_topic,
+    topic,
+)
 from gateway.settings import BrokerAdminSettings, GatewaySettings, InfluxSettings, MqttSettings
 from tests.helpers import gateway_settings, running_gateway, short_program, wait_for
 
@@ -270,12 +277,15 @@ async def test_impersonation_matrix(dynsec: DynsecBroker) -> None:
                 connected(dynsec, "A", a.client_id, a.username, a.password, will_a))
             sb = await stack.enter_async_context(
                 connected(dynsec, "B", b.client_id, b.username, b.password))
-            for s, own in ((sa, t_a), (sb, t_b)):
+            for s, own, clinic in ((sa, t_a, c1), (sb, t_b, c2)):
                 granted = await s.client.subscribe(own[Channel.CMD], qos=1)
                 m.add(s.name, "subscribe own cmd", "granted",
                       "refused" if granted[0].is_failure else "granted")
                 granted = await s.client.subscribe(HEARTBEAT_TOPIC, qos=1)
                 m.add(s.name, "subscribe heartbeat", "granted",
+                      "refused" if granted[0].is_failure else "granted")
+                granted = await s.client.subscribe(clinic_heartbeat_topic(clinic), qos=1)
+                m.add(s.name, "subscribe its clinic's heartbeat", "granted",
                       "refused" if granted[0].is_failure else "granted")
             state_a = online_state()
             await sa.client.publish(t_a[Channel.STATE], state_a, qos=1, retain=True)
@@ -290,6 +300,7 @@ async def test_impersonation_matrix(dynsec: DynsecBroker) -> None:
                 ("own device id under clinic 1 (state)", topic(c1, dev_b, Channel.STATE)),
                 ("own device id under clinic 1 (telemetry)", topic(c1, dev_b, Channel.TELEMETRY)),
                 ("the gateway heartbeat", HEARTBEAT_TOPIC),
+                ("its clinic's heartbeat", clinic_heartbeat_topic(c2)),
                 ("an alarm under _gateway/", f"boots/v1/_gateway/alarm/{c1}/{dev_a}"),
                 ("anything under _gateway/", "boots/v1/_gateway/other"),
                 ("A's cmd", t_a[Channel.CMD]),

@@ -97,7 +97,7 @@ TOPICS = st.one_of(
     st.tuples(LEVEL, LEVEL, LEVEL).map(lambda t: f"{TOPIC_ROOT}/{t[0]}/{t[1]}/{t[2]}"),
     st.tuples(IDS, IDS, st.sampled_from(Channel)).map(
         lambda t: f"{TOPIC_ROOT}/{t[0]}/{t[1]}/{t[2].value}"),
-    st.sampled_from([HEARTBEAT_TOPIC, f"{ALARM_TOPIC_PREFIX}/c1/b1",
+    st.sampled_from([HEARTBEAT_TOPIC, f"{HEARTBEAT_TOPIC}/state", f"{ALARM_TOPIC_PREFIX}/c1/b1",
                      f"{TOPIC_ROOT}/{RESERVED_CLINIC}/b1/state", f"{TOPIC_ROOT}/c1/b1/state/x",
                      f"{TOPIC_ROOT}/c1/b1", f"/{TOPIC_ROOT}/c1/b1/state", "boots/v2/c1/b1/state",
                      f"{TOPIC_ROOT}/c1/+/state", f"{TOPIC_ROOT}/#", f"{TOPIC_ROOT}/c1/b1/STATE"]),
@@ -506,7 +506,8 @@ def _ingest_one(gw: Gateway, submitted: list[Point], name: str, payload: bytes) 
     assert set(gw.fleet.boots) <= set(others) | ({addr.key} if addr else set())
     new_rejected = gw.stats.rejected - rejected
     if addr is None:
-        own = name == HEARTBEAT_TOPIC or name.startswith(f"{ALARM_TOPIC_PREFIX}/")
+        own = name == HEARTBEAT_TOPIC or name.startswith(
+            (f"{HEARTBEAT_TOPIC}/", f"{ALARM_TOPIC_PREFIX}/"))  # protocol §5: the gateways
         assert new_rejected == ({} if own else {"bad_topic": 1})
         assert gw.stats.messages == messages and len(submitted) == n_points
         return
