@@ -4,11 +4,14 @@ One gateway alone (no etcd configured) watches every clinic, as it always has. W
 `coordination.etcd_endpoints` set, gateway/coordination.py decides which clinics are this
 gateway's, and this module makes the rest of the gateway follow:
 
-- **Subscriptions.** Every gateway reads every boot's retained `state` (how clinics are
-  discovered; a state message of a clinic it does not watch only registers the clinic). A
-  watched clinic's `telemetry`, `event` and `ack` are subscribed while it is watched; taking
-  a clinic over subscribes `state` again, so the broker re-sends the retained states that
-  rebuild the clinic's boots and resume their sessions (the restart path, gateway/sessions).
+- **An MQTT session per clinic.** Every gateway's own connection reads every boot's
+  retained `state`, only to discover clinics. A watched clinic's topics (`state`,
+  `telemetry`, `event`, `ack`) come over a connection of the clinic's own, client id
+  `coordination.clinic_client_prefix` + clinic, with a persistent session: whoever watches
+  the clinic takes that session over, with what the broker queued for it meanwhile (nothing
+  is lost between two owners), and the broker disconnects a previous owner still holding it.
+  Its subscription re-sends the retained states, which rebuild the clinic's boots and resume
+  their sessions (the restart path, gateway/sessions.py).
 - **Heartbeats.** The clinic heartbeat (`boots/v1/_gateway/heartbeat/{clinic}`, protocol
   §5.1) goes out for the clinics this gateway may act for, and for no other: a boot vents
   itself when nobody watches its clinic (§7.2).
@@ -31,13 +34,14 @@ from gateway.contract import (
     TOPIC_ROOT,
     Channel,
     clinic_heartbeat_topic,
+    is_valid_clinic,
 )
 from gateway.coordination import Coordinator
 from gateway.etcd_client import EtcdError
 from gateway.fleet import Fleet
 from gateway.journal import SessionJournal
-from gateway.mqtt_link import MqttLink, subscribe_options
-from gateway.settings import GatewaySettings
+from gateway.mqtt_link import MessageHandler, MqttLink, subscribe_options
+from gateway.settings import GatewaySettings, MqttSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ def clinic_of(topic: str) -> str | None:
 
 
 def clinic_topics(clinic: str) -> list[str]:
-    return [f"{TOPIC_ROOT}/{clinic}/+/{ch.value}" for ch in WATCHED_CHANNELS]
+    """What a clinic's own session subscribes to: the retained states first (the rebuild)."""
+    return [f"{TOPIC_ROOT}/{clinic}/+/{ch.value}" for ch in (Channel.STATE, *WATCHED_CHANNELS)]
 
 
 STATE_TOPIC = f"{TOPIC_ROOT}/+/+/{Channel.STATE.value}"
@@ -77,8 +82,10 @@ class Cluster:
         self.fleet = fleet
         self.journal = journal
         self.link: MqttLink | None = None  # set by the service once the link exists
+        self.on_message: MessageHandler | None = None  # the gateway's, for clinic sessions
         self.coordinator: Coordinator | None = None
         self.watching: set[str] = set()
+        self.links: dict[str, tuple[MqttLink, asyncio.Task[None]]] = {}  # clinic sessions
         self._known: set[str] = set()  # clinics registered in etcd by this gateway
         self._tasks: set[asyncio.Task[None]] = set()
         self.clinics_taken = 0
@@ -116,6 +123,22 @@ class Cluster:
         """SIGTERM: hand every clinic over at once."""
         if self.coordinator is not None:
             await self.coordinator.stop()
+        for link, task in list(self.links.values()):
+            await link.stop(task)
+        self.links.clear()
+        if self._tasks:  # the clinics let go just now, their sessions disconnecting
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    def discover(self, topic: str, payload: bytes) -> None:
+        """The gateway's own connection, with several gateways: a boot's state names its
+        clinic; the clinic's messages themselves come over its own session."""
+        parts = topic.split("/")
+        if len(parts) == 5 and is_valid_clinic(parts[2]) and parts[2] not in self.watching:
+            self.seen(parts[2])
+
+    def receive_backlog(self) -> bool:
+        """Whether any clinic session has input waiting unread (rule 5's grace)."""
+        return any(link.receive_backlog() for link, _task in self.links.values())
 
     # ------------------------------------------------------------------ the gate
 
@@ -156,18 +179,41 @@ class Cluster:
         self._known.add(clinic)
         self.clinics_taken += 1
         self.heartbeat_due.set()
-        if self.link is not None:
-            # Telemetry first, then the states again: the retained states rebuild the boots.
-            self._spawn(self._follow(clinic))
+        if self.on_message is not None and clinic not in self.links:
+            link = MqttLink(self._clinic_mqtt(clinic),
+                            [(t, subscribe_options(1)) for t in clinic_topics(clinic)],
+                            self.on_message, fence=self.may_publish)
+            task = asyncio.get_running_loop().create_task(link.run(), name=f"mqtt-{clinic}")
+            self.links[clinic] = (link, task)
 
-    async def _follow(self, clinic: str) -> None:
-        assert self.link is not None
-        await self.link.follow(clinic_topics(clinic), subscribe_options(1))
-        await self.link.follow([STATE_TOPIC], subscribe_options(1), keep=False)
+    def _clinic_mqtt(self, clinic: str) -> MqttSettings:
+        """The clinic session's connection: the gateway's own settings but for the client id,
+        which is the clinic's (the same on every gateway) and a persistent session."""
+        s = self.settings.mqtt
+        return s.model_copy(update={
+            "client_id": f"{self.settings.coordination.clinic_client_prefix}{clinic}",
+            "session_expiry_s": max(s.session_expiry_s, 60)})
 
     def _on_unwatch(self, clinic: str, reason: str) -> None:
-        self.watching.discard(clinic)
+        # The fence closed already (the coordinator's); the clinic's session is disconnected
+        # first and its boots forgotten after: what it delivered until then was acknowledged
+        # to the broker and must still be stored, not dropped as another gateway's.
         self.clinics_let_go += 1
+        held = self.links.pop(clinic, None)
+        if held is None:
+            self._forget(clinic, reason)
+        else:
+            self._spawn(self._let_go(clinic, reason, *held))
+
+    async def _let_go(self, clinic: str, reason: str, link: MqttLink,
+                      task: asyncio.Task[None]) -> None:
+        # Disconnect: the broker keeps the session, and queues for the next owner.
+        await link.stop(task)
+        if clinic not in self.links:  # not taken back meanwhile
+            self._forget(clinic, reason)
+
+    def _forget(self, clinic: str, reason: str) -> None:
+        self.watching.discard(clinic)
         forgotten = [b for b in self.fleet.boots.values() if b.clinic == clinic]
         for boot in forgotten:
             del self.fleet.boots[boot.key]
@@ -177,8 +223,6 @@ class Cluster:
                 self.journal.closed(boot.key, boot.session.session_id)
         log.info("clinic let go", extra={"clinic": clinic, "reason": reason,
                                          "boots": len(forgotten)})
-        if self.link is not None:
-            self._spawn(self.link.unfollow(clinic_topics(clinic)))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -3,10 +3,9 @@
 Incoming messages are handed to a synchronous callback in arrival order; it must not block.
 Publishing never waits on the receive loop, so a vent goes out while messages keep flowing.
 
-Subscriptions are the fixed ones given at construction plus the ones `follow` adds while
-the gateway watches a clinic (several gateways, gateway/cluster.py); both are made again at
-every reconnect. Every publish passes the `fence` first: a gateway may not speak for a clinic
-it does not watch at this moment (it lost the clinic to another gateway, or its lease).
+Every publish passes the `fence` first: with several gateways (gateway/cluster.py) a
+gateway may not speak for a clinic it does not watch at this moment (it lost the clinic to
+another gateway, or its lease). The same class is each watched clinic's own session.
 """
 
 from __future__ import annotations
@@ -72,9 +71,9 @@ class MqttLink:
     ) -> None:
         self.settings = settings
         self._subscriptions = subscriptions
-        self._followed: dict[str, SubscribeOptions] = {}  # added by follow(), in order
         self.fence = fence
         self.fenced = 0  # publishes the fence refused
+        self.stopping = False  # stop(): no reconnect, whatever a cancel did not reach
         self._on_message = on_message
         self._on_connect = on_connect
         self._client: aiomqtt.Client | None = None
@@ -103,7 +102,7 @@ class MqttLink:
         s = self.settings
         backoff = s.reconnect_min_s
         attempt = 0
-        while True:
+        while not self.stopping:
             security = await self._fresh_security() if attempt else self._security
             # Plain PUBLISH packets go from the socket's buffer straight to _dispatch (see
             # gateway/mqtt_internals.py); the rest through aiomqtt's queue to the same place.
@@ -128,8 +127,10 @@ class MqttLink:
                     # dispatched while the later subscriptions are still pending, and a vent
                     # they call for must go out now, not at rule 8's re-send after the ack
                     # timeout (tests/test_restart.py caught a lost vent in CI).
+                    if self.stopping:
+                        return  # stopped while connecting (a cancel the connect swallowed)
                     self._client = client
-                    for topic, options in [*self._subscriptions, *self._followed.items()]:
+                    for topic, options in self._subscriptions:
                         granted = await client.subscribe(topic, options=options)
                         if any(subscription_refused(rc) for rc in granted):
                             # A gateway that cannot read its boots must not go on sending
@@ -162,43 +163,15 @@ class MqttLink:
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(s.reconnect_max_s, backoff * 2)
 
-    async def follow(self, topics: list[str], options: SubscribeOptions, *,
-                     keep: bool = True) -> None:
-        """Subscribe to more topics, now if connected and (keep) at every reconnect. A topic
-        subscribed again has its retained messages sent again: keep=False for that alone."""
-        if keep:
-            for t in topics:
-                self._followed[t] = options
-        client = self._client
-        if client is None:
-            return  # the next connect subscribes
-        for t in topics:
-            try:
-                granted = await client.subscribe(t, options=options)
-            except aiomqtt.MqttError as exc:
-                log.warning("mqtt subscribe failed; retried at the reconnect", extra={
-                    "topic": t, "error": str(exc)})
-                return
-            if any(subscription_refused(rc) for rc in granted):
-                log.error("mqtt subscription refused by the broker's ACL", extra={
-                    "topic": t, "reason": [str(rc) for rc in granted]})
-
-    async def unfollow(self, topics: list[str]) -> None:
-        """Stop following topics (the broker stops sending them)."""
-        for t in topics:
-            self._followed.pop(t, None)
-        client = self._client
-        if client is None:
-            return
-        for t in topics:
-            try:
-                await client.unsubscribe(t)
-            except aiomqtt.MqttError as exc:
-                log.warning("mqtt unsubscribe failed", extra={"topic": t, "error": str(exc)})
-
-    @property
-    def followed(self) -> list[str]:
-        return list(self._followed)
+    async def stop(self, task: asyncio.Task[None]) -> None:
+        """End run() for good: a clinic session let go must not reconnect and take the
+        session back from its new owner. Cancelling alone is not enough: aiomqtt's connect
+        can swallow a cancel, and the loop would connect again."""
+        self.stopping = True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+            async with asyncio.timeout(5):
+                await task
 
     def _check_fence(self, topic: str) -> None:
         if self.fence is not None and not self.fence(topic):

@@ -85,10 +85,13 @@ class Gateway:
             # several gateways the states only, and each watched clinic's topics as it comes.
             [(t, subscribe_options(1)) for t in
              ([STATE_TOPIC] if self.cluster.partitioned else gateway_subscriptions())],
-            self.handle_message,
+            # With several gateways this connection only discovers clinics; each watched
+            # clinic's messages come over a session of its own (gateway/cluster.py).
+            self.cluster.discover if self.cluster.partitioned else self.handle_message,
             fence=self.cluster.may_publish,
         )
         self.cluster.link = link
+        self.cluster.on_message = self.handle_message
         self.alarms = AlarmBook()
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s, monotonic)
         self.effects = Effects(settings, link=link, fleet=self.fleet, alarms=self.alarms,
@@ -195,7 +198,8 @@ class Gateway:
                 # allows its bounded grace for (Watchdog._silence); nothing is switched off.
                 self._reject_log.warning("loop-lag", "gateway event loop stalled",
                                          lag_ms=round(lag_ms, 1))
-            self.tick(now, backlog=self.link.receive_backlog())
+            self.tick(now, backlog=self.link.receive_backlog()
+                      or self.cluster.receive_backlog())
 
     def tick(self, now: float, backlog: bool = False) -> None:
         """Everything that is due by time: rules 4, 5 and 8, ack deadlines, session ends.

@@ -532,6 +532,11 @@ class CoordinationSettings(BaseModel):
         False, description="permit http:// to an etcd that is not on loopback (anyone on the "
         "path could take clinics over); for a trusted network only",
     )
+    clinic_client_prefix: str = Field(
+        "bootgw-clinic-", pattern=r"^[A-Za-z0-9_-]{1,40}$", description="the MQTT client id "
+        "of a clinic's session is this plus the clinic id, the same on every gateway: whoever "
+        "watches the clinic takes the session over, with what the broker queued for it",
+    )
 
     @model_validator(mode="after")
     def _secure_link(self) -> CoordinationSettings:

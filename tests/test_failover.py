@@ -242,6 +242,7 @@ async def test_sigkill_of_an_owner_its_clinics_move_and_no_boot_vents(
                        "every boot in session")
         victim = dep.gateways["gw-1"]
         moved = victim.clinics()
+        mark = _mark(fleet)
         killed_at = time.monotonic()
         victim.stop(signal.SIGKILL)
         # A stuck valve right after the kill, on a boot of a clinic nobody watches yet.
@@ -258,17 +259,46 @@ async def test_sigkill_of_an_owner_its_clinics_move_and_no_boot_vents(
         assert stuck.vent_received_at is not None
         vented_after_s = stuck.vent_received_at - stuck_at
         starts = check_one_commander(dep)
+        sent, lost = await _loss(own_influx, "failover", fleet, mark)
     await fleet.stop()
+    # Not asserted yet (docs/deploy.md §4.4): what the killed gateway had acknowledged to the
+    # broker but not yet written is lost.
     print(f"fail-over: clinics {moved} owned again {took_over_s:.2f} s after the SIGKILL; "
-          f"the stuck valve injected then vented after {vented_after_s:.2f} s")
+          f"the stuck valve injected then vented after {vented_after_s:.2f} s; "
+          f"telemetry lost: {lost} of {sent}")
     assert took_over_s < 4.0, took_over_s  # TTL 2 s + etcd's 0.5 s expiry check + takeover
     assert self_vents == {}
     assert starts == len(members)
 
 
-def _stored_per_device(influx: LocalInflux, db: str) -> dict[str, int]:
-    series = influx.query(db, "SELECT count(seq) FROM telemetry GROUP BY device")
-    return {s["tags"]["device"]: int(s["values"][0][1]) for s in series}
+async def _loss(influx: LocalInflux, db: str, fleet: SimFleet,
+                mark: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """_lost_since once the gateways have written what they hold (a few flushes)."""
+    deadline = time.monotonic() + 5
+    while True:
+        sent, lost = _lost_since(influx, db, fleet, mark)
+        if lost == 0 or time.monotonic() > deadline:
+            return sent, lost
+        await asyncio.sleep(0.5)
+
+
+def _mark(fleet: SimFleet) -> dict[str, tuple[int, int]]:
+    """Per boot: the seq of its next sample, and how many it has sent so far."""
+    return {b.key: (b.fw.seq, b.telemetry_sent) for b in fleet.boots.values()}
+
+
+def _lost_since(influx: LocalInflux, db: str, fleet: SimFleet,
+                mark: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(samples sent since the mark, of them not in InfluxDB), counted per boot by seq."""
+    sent = lost = 0
+    for b in fleet.boots.values():
+        seq0, sent0 = mark[b.key]
+        n = b.telemetry_sent - sent0
+        series = influx.query(db, f"SELECT count(seq) FROM telemetry WHERE device = "
+                                  f"'{b.device}' AND seq >= {seq0}")
+        stored = int(series[0]["values"][0][1]) if series else 0
+        sent, lost = sent + n, lost + max(0, n - stored)
+    return sent, lost
 
 
 @pytest.mark.timeout(300)
@@ -283,6 +313,7 @@ async def test_rolling_restart_with_sigterm_interrupts_no_session(
                      seed=5)
     async with deployment(tmp_path, mosquitto, own_influx, etcd, "rolling") as dep:
         await _all_in_session(dep, fleet, duration_s=60)
+        mark = _mark(fleet)  # every clinic watched: from here on, nothing may be lost
         handovers = []
         for g in dep.gateways.values():
             t0 = time.monotonic()
@@ -298,14 +329,16 @@ async def test_rolling_restart_with_sigterm_interrupts_no_session(
         self_vents = {b.key: b.self_vents_at for b in fleet.boots.values() if b.self_vents}
         vents = {b.key: b.vents_received for b in fleet.boots.values() if b.vents_received}
         starts = check_one_commander(dep)
+        sent, lost = await _loss(own_influx, "rolling", fleet, mark)
     await fleet.stop()
-    sent = {b.device: b.telemetry_sent for b in fleet.boots.values()}
-    stored = _stored_per_device(own_influx, "rolling")
-    lost = sum(max(0, sent[d] - stored.get(d, 0)) for d in sent)
     print(f"rolling restart: SIGTERM to the others watching {[f'{h:.2f}' for h in handovers]} s;"
-          f" telemetry lost in the handovers: {lost} of {sum(sent.values())}")
+          f" telemetry lost in the handovers: {lost} of {sent}")
     assert self_vents == {} and vents == {}
     assert starts == len(members)
+    # Each clinic's MQTT session moves with it: what the boots sent between two owners was
+    # queued by the broker for the next one (341 of 20,854 lost with one session per
+    # gateway). Not yet none: 0-3 of ~18,000 in runs so far (docs/deploy.md §4.4).
+    assert lost * 1000 <= sent, (lost, sent)
 
 
 @pytest.mark.timeout(240)
