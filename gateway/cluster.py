@@ -88,8 +88,6 @@ class Cluster:
         self.links: dict[str, tuple[MqttLink, asyncio.Task[None]]] = {}  # clinic sessions
         self._known: set[str] = set()  # clinics registered in etcd by this gateway
         self._tasks: set[asyncio.Task[None]] = set()
-        self.clinics_taken = 0
-        self.clinics_let_go = 0
         # Set when a clinic is taken over: its first heartbeat goes out now, not at the next
         # interval, which could come after the boots' timeout (protocol §7.2).
         self.heartbeat_due = asyncio.Event()
@@ -177,7 +175,6 @@ class Cluster:
     def _on_watch(self, clinic: str) -> None:
         self.watching.add(clinic)
         self._known.add(clinic)
-        self.clinics_taken += 1
         self.heartbeat_due.set()
         if self.on_message is not None and clinic not in self.links:
             link = MqttLink(self._clinic_mqtt(clinic),
@@ -198,7 +195,6 @@ class Cluster:
         # The fence closed already (the coordinator's); the clinic's session is disconnected
         # first and its boots forgotten after: what it delivered until then was acknowledged
         # to the broker and must still be stored, not dropped as another gateway's.
-        self.clinics_let_go += 1
         held = self.links.pop(clinic, None)
         if held is None:
             self._forget(clinic, reason)

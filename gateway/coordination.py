@@ -71,10 +71,6 @@ class Coordinator:
     def watching(self) -> frozenset[str]:
         return frozenset(self.own.watching)
 
-    @property
-    def members(self) -> frozenset[str]:
-        return frozenset(self._members)
-
     async def start(self) -> None:
         """Join: a lease, the member key, the first view; then the three tasks."""
         await self._join()

@@ -69,7 +69,6 @@ class Ingest:
         # own set, changed in place); None: every clinic is this gateway's.
         self._watching = cluster.watching if cluster is not None and cluster.partitioned \
             else None
-        self.not_watched = 0  # messages of clinics another gateway watches (states)
         self.fleet = fleet
         self.watchdog = watchdog
         self.stats = stats
@@ -102,7 +101,6 @@ class Ingest:
         watching = self._watching
         if watching is not None and addr.clinic not in watching:
             # Another gateway's clinic (every gateway reads every state, to find clinics).
-            self.not_watched += 1
             assert self.cluster is not None
             self.cluster.seen(addr.clinic)
             return

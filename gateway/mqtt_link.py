@@ -72,7 +72,6 @@ class MqttLink:
         self.settings = settings
         self._subscriptions = subscriptions
         self.fence = fence
-        self.fenced = 0  # publishes the fence refused
         self.stopping = False  # stop(): no reconnect, whatever a cancel did not reach
         self._on_message = on_message
         self._on_connect = on_connect
@@ -175,7 +174,6 @@ class MqttLink:
 
     def _check_fence(self, topic: str) -> None:
         if self.fence is not None and not self.fence(topic):
-            self.fenced += 1
             raise Fenced(f"{topic}: not this gateway's clinic now")
 
     def _dispatch_message(self, message: aiomqtt.Message) -> None:
